@@ -1,0 +1,131 @@
+"""Command line: argument parsing only; every subcommand calls into the library.
+
+Heavy imports (torch, Lightning) happen inside the subcommand that needs them, so
+`captioner caption` never imports Lightning and `captioner --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+PROG = "captioner"
+
+
+class CaptionerError(Exception):
+    """A user-facing failure: printed as one `captioner: error: ...` line, no traceback."""
+
+
+def error_line(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def _add_caption(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("caption", help="caption image files, directories or globs")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, directories or globs")
+    p.add_argument("--model", default=None, help="model file (.safetensors); default: the shipped model")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--n-best", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=30)
+    p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha; 0 = none")
+    p.add_argument("--sample", action="store_true", help="sample instead of beam search")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--format", choices=("text", "jsonl"), default="text")
+    p.add_argument("--attention-maps", metavar="DIR", default=None)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="BLEU-1..4 of a model on a dataset split")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dataset", required=True,
+                   help="flickr8k | flickr8k-kaggle | karpathy | coco | folder")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--max-length", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--features", default=None, help="FeatureCache dir to skip the encoder")
+    p.add_argument("--output", default=None, help="metrics JSON")
+    p.add_argument("--predictions", default=None, help="predictions JSONL")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _add_features(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("features", help="build a FeatureCache of a frozen encoder")
+    p.add_argument("--dataset", required=True,
+                   help="flickr8k | flickr8k-kaggle | karpathy | coco | folder")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--encoder", default="efficientnet-lite0")
+    p.add_argument("--splits", default=None, help="comma list; default: all")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-missing", action="store_true")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="turn a Lightning checkpoint into a model file")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="CNN+RNN image captioning")
+    from captioner import __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_caption(sub)
+    sub.add_parser("train", help="train from a YAML config (LightningCLI; see `captioner train --help`)",
+                   add_help=False)
+    _add_evaluate(sub)
+    _add_features(sub)
+    _add_export(sub)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "caption":
+        from captioner.commands import caption
+        return caption(args)
+    if args.command == "evaluate":
+        from captioner.commands import evaluate
+        return evaluate(args)
+    if args.command == "features":
+        from captioner.data.features import run_features_command
+        return run_features_command(args)
+    if args.command == "export":
+        from captioner.commands import export
+        return export(args)
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        # LightningCLI owns the whole argument surface of `train`.
+        from captioner.train import run_training
+        return run_training(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _dispatch(args)
+    except CaptionerError as exc:
+        error_line(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
