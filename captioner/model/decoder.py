@@ -1,0 +1,181 @@
+"""Recurrent caption decoder: image features set the initial state, words come out one step
+at a time.
+
+Read top to bottom: config, attention, the decoder (init_state / step / teacher-forced
+forward). Every search method in `search.py` is built on `step()` alone.
+
+Shapes: B batch, T caption steps, L grid cells, C feature channels, H hidden, E embedding,
+A attention, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    feature_dim: int                 # C of the encoder's Features
+    cell: str = "lstm"               # lstm | gru | rnn (plain tanh RNN)
+    attention: bool = False          # Show, Attend and Tell soft attention over the grid
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
+        for name in ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "attention_dim",
+                     "num_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Memory(NamedTuple):
+    """What every step reads from the image; computed once per image, never reordered by
+    beam search (beams of one image share its rows)."""
+
+    grid: Tensor | None        # [B, L, C] (attention models only)
+    grid_proj: Tensor | None   # [B, L, A] encoder half of the additive attention, precomputed
+    pooled: Tensor             # [B, C]
+
+    def repeat_interleave(self, k: int) -> "Memory":
+        """Each image's rows repeated k times (for k beams or samples per image)."""
+        return Memory(*(None if t is None else t.repeat_interleave(k, dim=0) for t in self))
+
+
+State = tuple[Tensor, ...]  # (h,) or (h, c); each [num_layers, B, H]
+
+
+class SoftAttention(nn.Module):
+    """Additive (Bahdanau) attention with the Show, Attend and Tell gating scalar."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.encoder_proj = nn.Linear(feature_dim, attention_dim)
+        self.hidden_proj = nn.Linear(hidden_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+        self.gate = nn.Linear(hidden_dim, feature_dim)  # beta: how much image to let in
+
+    def forward(self, grid: Tensor, grid_proj: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        # grid [B,L,C], grid_proj [B,L,A], hidden [B,H] -> context [B,C], alpha [B,L]
+        scores = self.score(torch.tanh(grid_proj + self.hidden_proj(hidden).unsqueeze(1)))
+        alpha = torch.softmax(scores.squeeze(2), dim=1)
+        context = torch.bmm(alpha.unsqueeze(1), grid).squeeze(1)
+        return torch.sigmoid(self.gate(hidden)) * context, alpha
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
+        # Image features -> initial hidden (and cell) state of every layer.
+        self.init_h = nn.Linear(c.feature_dim, c.num_layers * c.hidden_dim)
+        self.init_c = nn.Linear(c.feature_dim, c.num_layers * c.hidden_dim) if c.cell == "lstm" else None
+        self.attention = (SoftAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
+                          if c.attention else None)
+        rnn_kwargs = {"nonlinearity": "tanh"} if c.cell == "rnn" else {}
+        self.rnn = CELLS[c.cell](
+            input_size=c.embed_dim + (c.feature_dim if c.attention else 0),
+            hidden_size=c.hidden_dim, num_layers=c.num_layers, batch_first=True,
+            dropout=c.dropout if c.num_layers > 1 else 0.0, **rnn_kwargs)
+        self.dropout = nn.Dropout(c.dropout)
+        self.output = nn.Linear(c.hidden_dim, c.vocab_size)
+
+    # ---- inference interface ---------------------------------------------------------------
+    def memory(self, grid: Tensor | None, pooled: Tensor) -> Memory:
+        """Precompute the per-image tensors every step needs. grid [B,L,C], pooled [B,C]."""
+        if self.attention is None:
+            return Memory(None, None, pooled)
+        if grid is None:
+            raise ValueError("an attention decoder needs the feature grid")
+        return Memory(grid, self.attention.encoder_proj(grid), pooled)
+
+    def init_state(self, memory: Memory) -> State:
+        c, b = self.config, memory.pooled.shape[0]
+
+        def project(layer: nn.Linear) -> Tensor:  # [B,C] -> [layers,B,H]
+            return torch.tanh(layer(memory.pooled)).view(b, c.num_layers, c.hidden_dim).transpose(0, 1).contiguous()
+
+        return (project(self.init_h),) if self.init_c is None else (project(self.init_h), project(self.init_c))
+
+    def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
+        """One word: tokens [B] -> logits [B,V], new state, attention [B,L] or None."""
+        out, state, alpha = self._advance(self.embedding(tokens), state, memory)
+        return self.output(self.dropout(out)), state, alpha
+
+    def _advance(self, embedded: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
+        # embedded [B,E] -> top hidden [B,H]
+        alpha = None
+        if self.attention is not None:
+            context, alpha = self.attention(memory.grid, memory.grid_proj, state[0][-1])
+            embedded = torch.cat([embedded, context], dim=1)
+        rnn_state = state[0] if len(state) == 1 else state
+        out, rnn_state = self.rnn(embedded.unsqueeze(1), rnn_state)
+        state = (rnn_state,) if isinstance(rnn_state, Tensor) else tuple(rnn_state)
+        return out.squeeze(1), state, alpha
+
+    # ---- training --------------------------------------------------------------------------
+    def forward(self, memory: Memory, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Teacher forcing. captions [B,T] = <start> w1 .. <end> <pad>..., lengths [B] count
+        <start>..<end>. Returns logits [N,V] and targets [N] for the N real (non-pad) target
+        positions only, and attention [B,T-1,L] (zeros past each caption) or None.
+
+        No compute is spent on padding: without attention the RNN runs on a packed sequence;
+        with attention the batch is sorted by length and shrinks as captions end. The output
+        layer (the biggest matmul) only sees real positions.
+        """
+        inputs, targets = captions[:, :-1], captions[:, 1:]
+        steps = (lengths - 1).clamp(min=1)
+        state = self.init_state(memory)
+        if self.attention is None:
+            hidden, alphas = self._forward_packed(inputs, steps, state), None
+        else:
+            hidden, alphas = self._forward_attention(inputs, steps, state, memory)
+        mask = torch.arange(inputs.shape[1], device=captions.device)[None, :] < steps[:, None]
+        logits = self.output(self.dropout(hidden[mask]))
+        return logits, targets[mask], alphas
+
+    def _forward_packed(self, inputs: Tensor, steps: Tensor, state: State) -> Tensor:
+        packed = pack_padded_sequence(self.embedding(inputs), steps.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        rnn_state = state[0] if len(state) == 1 else state
+        out, _ = self.rnn(packed, rnn_state)
+        hidden, _ = pad_packed_sequence(out, batch_first=True, total_length=inputs.shape[1])
+        return hidden  # [B,T-1,H]
+
+    def _forward_attention(self, inputs: Tensor, steps: Tensor, state: State, memory: Memory) -> tuple[Tensor, Tensor]:
+        b, t = inputs.shape
+        order = torch.argsort(steps, descending=True)
+        inverse = torch.argsort(order)
+        steps_sorted = steps[order]
+        memory = Memory(*(None if x is None else x[order] for x in memory))
+        state = tuple(s[:, order] for s in state)
+        embedded = self.embedding(inputs[order])
+        hidden = embedded.new_zeros(b, t, self.config.hidden_dim)
+        alphas = embedded.new_zeros(b, t, memory.grid.shape[1])
+        active_counts = (steps_sorted[None, :] > torch.arange(t, device=inputs.device)[:, None]).sum(1).tolist()
+        for i, n in enumerate(active_counts):
+            if n == 0:
+                break
+            mem = Memory(memory.grid[:n], memory.grid_proj[:n], memory.pooled[:n])
+            out, new_state, alpha = self._advance(embedded[:n, i], tuple(s[:, :n] for s in state), mem)
+            state = tuple(torch.cat([ns, s[:, n:]], dim=1) for ns, s in zip(new_state, state))
+            hidden[:n, i] = out
+            alphas[:n, i] = alpha
+        return hidden[inverse], alphas[inverse]
