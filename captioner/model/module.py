@@ -1,0 +1,202 @@
+"""LightningModule: the math of training a captioner. The Trainer owns the loop, the
+DataModule the data, callbacks the rest.
+
+Two modes: `features` (frozen encoder, batches carry cached Features: the fast default) and
+`images` (batches carry pixels; the encoder runs in the loop and its last blocks can be
+fine-tuned). Validation decodes greedily (no teacher forcing) and logs corpus BLEU-1..4 over
+every dev image exactly once, also under DDP.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from captioner.metrics import bleu_scores
+from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory
+from captioner.model.search import greedy
+from captioner.text import Vocabulary
+
+
+class CaptioningModule(pl.LightningModule):
+    def __init__(
+        self,
+        vocab_size: int = 0,
+        feature_dim: int = 0,
+        cell: str = "lstm",
+        attention: bool = False,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        attention_dim: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.5,
+        alpha_c: float = 1.0,
+        label_smoothing: float = 0.0,
+        lr: float = 4e-4,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "plateau",
+        lr_patience: int = 1,
+        lr_factor: float = 0.5,
+        warmup_steps: int = 0,
+        max_decode_length: int = 30,
+        mode: str = "features",
+        encoder: str = "efficientnet-lite0",
+        finetune_blocks: int = 0,
+        encoder_lr: float = 1e-4,
+    ) -> None:
+        """vocab_size and feature_dim are linked from the DataModule by LightningCLI."""
+        super().__init__()
+        self.save_hyperparameters()
+        if vocab_size < 5 or feature_dim < 1:
+            raise ValueError("vocab_size and feature_dim must come from the data (link data.vocab_size / "
+                             "data.feature_dim); got vocab_size={vocab_size}, feature_dim={feature_dim}")
+        if lr_schedule not in ("plateau", "cosine", "none"):
+            raise ValueError(f"lr_schedule must be plateau | cosine | none, got {lr_schedule!r}")
+        if mode not in ("features", "images"):
+            raise ValueError(f"mode must be features | images, got {mode!r}")
+        self.decoder = CaptionDecoder(DecoderConfig(
+            vocab_size=vocab_size, feature_dim=feature_dim, cell=cell, attention=attention,
+            embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
+            num_layers=num_layers, dropout=dropout))
+        self.encoder = None
+        if mode == "images":
+            from captioner.model.encoders import build_encoder
+            self.encoder = build_encoder(encoder)
+            self.encoder.freeze()
+            if finetune_blocks:
+                self.encoder.trainable_tail(finetune_blocks)
+        self.vocabulary: Vocabulary | None = None
+        self._val_outputs: list[tuple[Tensor, Tensor]] = []
+
+    # ---- data plumbing ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "vocabulary", None) is not None:
+            if len(datamodule.vocabulary) != self.hparams.vocab_size:
+                raise ValueError("the data's vocabulary does not match the model's vocab_size")
+            self.vocabulary = datamodule.vocabulary
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The vocabulary travels with the weights (plain list of str: safe to load).
+        checkpoint["vocabulary"] = list(self.vocabulary.words) if self.vocabulary else None
+        checkpoint["encoder_spec"] = self.encoder_spec()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("vocabulary"):
+            self.vocabulary = Vocabulary(checkpoint["vocabulary"])
+
+    def encoder_spec(self) -> dict[str, Any]:
+        """What the model file records about the encoder (name, preprocessing, fine-tuned)."""
+        from captioner.model.encoders import encoder_preprocessing
+        name = self.hparams.encoder
+        return {"name": name, "preprocessing": encoder_preprocessing(name).to_dict(),
+                "finetuned": bool(self.encoder is not None and self.hparams.finetune_blocks)}
+
+    def memory(self, batch: dict[str, Tensor]) -> Memory:
+        """Features from the batch (cached) or from the encoder (raw images)."""
+        if self.encoder is not None:
+            feats = self.encoder(batch["images"])
+            grid, pooled = feats.grid, feats.pooled
+        else:
+            grid, pooled = batch.get("grid"), batch["pooled"]
+        return self.decoder.memory(grid.float() if grid is not None else None, pooled.float())
+
+    # ---- training --------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        logits, targets, alphas = self.decoder(self.memory(batch), batch["captions"], batch["lengths"])
+        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
+        parts = {"ce": ce}
+        total = ce
+        if alphas is not None and self.hparams.alpha_c > 0:
+            # Doubly stochastic regularization: every grid cell gets ~1 total attention.
+            ds = ((1.0 - alphas.sum(dim=1)) ** 2).mean()
+            parts["attention_reg"] = ds
+            total = total + self.hparams.alpha_c * ds
+        return total, parts
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        total, parts = self.loss(batch)
+        bs = batch["captions"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        return total
+
+    # ---- validation: greedy decoding + corpus BLEU ------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        result = greedy(self.decoder, self.memory(batch), self.hparams.max_decode_length)
+        self._val_outputs.append((batch["index"], result.tokens[:, 0]))
+
+    def on_validation_epoch_end(self) -> None:
+        index, tokens = self._gather_predictions()
+        datamodule = self.trainer.datamodule
+        references = datamodule.val_references
+        keep = torch.unique(index)  # DDP samplers pad with repeats: each dev image counts once
+        first = {int(i): row for row, i in reversed(list(enumerate(index.tolist())))}
+        hyps = [self.vocabulary.decode(tokens[first[int(i)]].tolist()) for i in keep]
+        refs = [references[int(i)] for i in keep]
+        scores = bleu_scores(hyps, refs)
+        for name, value in scores.items():
+            self.log(f"val/{name}", value, prog_bar=name == "bleu4", sync_dist=False, rank_zero_only=False)
+        self.log("val/n_images", float(len(keep)))
+        self.log("val/distinct_captions", float(len(set(hyps))))
+
+    def _gather_predictions(self) -> tuple[Tensor, Tensor]:
+        if not self._val_outputs:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long)
+        width = self.hparams.max_decode_length
+        index = torch.cat([i for i, _ in self._val_outputs])
+        tokens = torch.cat([F.pad(t, (0, width - t.shape[1])) for _, t in self._val_outputs])
+        if self.trainer.world_size > 1:
+            # Equal-length per rank is guaranteed by the distributed sampler's padding.
+            index = self.all_gather(index).reshape(-1)
+            tokens = self.all_gather(tokens).reshape(-1, width)
+        return index.cpu(), tokens.cpu()
+
+    # ---- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = [{"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": hp.lr}]
+        if self.encoder is not None:
+            tail = [p for p in self.encoder.parameters() if p.requires_grad]
+            if tail:
+                groups.append({"params": tail, "lr": hp.encoder_lr})
+        optimizer = torch.optim.Adam(groups, weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "none":
+            return optimizer
+        if hp.lr_schedule == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warmup = hp.warmup_steps
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = (step - warmup) / max(1, total - warmup)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=hp.lr_factor,
+                                                               patience=hp.lr_patience)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu4", "interval": "epoch"}}
+
+    # ---- export ----------------------------------------------------------------------------
+    def to_model_file(self, training: dict[str, Any] | None = None, scores: dict[str, Any] | None = None):
+        from captioner.modelfile import ModelFile
+        if self.vocabulary is None:
+            raise ValueError("the module has no vocabulary (was it trained or loaded from a checkpoint?)")
+        spec = self.encoder_spec()
+        encoder_state = None
+        if spec["finetuned"]:
+            encoder_state = {k: v for k, v in self.encoder.state_dict().items()}
+        return ModelFile({k: v.detach().cpu() for k, v in self.decoder.state_dict().items()},
+                         self.decoder.config, self.vocabulary, spec, encoder_state,
+                         training or {}, scores or {})

@@ -1,0 +1,73 @@
+"""`captioner train`: LightningCLI over CaptioningModule + CaptionDataModule.
+
+The CLI links the data's vocabulary size and feature width into the model, and the model's
+attention flag into the data (only attention models read the feature grid). At the end of
+fit the best checkpoint (by dev BLEU-4) is exported as a model file.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LightningCLI
+
+from captioner.data.datamodule import CaptionDataModule
+from captioner.model.module import CaptioningModule
+from captioner.modelfile import save_model
+
+class ExportModelFile(pl.Callback):
+    """On fit end, write the best checkpoint's weights as a model file (rank 0 only)."""
+
+    def __init__(self, output: str = "models/model.safetensors") -> None:
+        self.output = output
+        self._started = time.time()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.time()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: CaptioningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        ckpt = trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_path", "") if ckpt else ""
+        module = load_module(best) if best else pl_module
+        scores = {"dev_bleu4_best": float(ckpt.best_model_score)} if best and ckpt.best_model_score is not None else {}
+        training = {"checkpoint": best, "epochs": trainer.current_epoch,
+                    "wall_seconds": round(time.time() - self._started, 1),
+                    "datamodule": _jsonable(trainer.datamodule.hparams) if trainer.datamodule else {},
+                    "model": _jsonable(pl_module.hparams)}
+        save_model(self.output, module.to_model_file(training, scores))
+        print(f"captioner: exported {best or 'final weights'} -> {self.output}")
+
+
+def _jsonable(hparams: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(hparams), default=str))
+
+
+def load_module(checkpoint: str | Path) -> CaptioningModule:
+    """Load a training checkpoint with torch's restricted (weights-only) unpickler."""
+    return CaptioningModule.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True)
+
+
+class CaptionerCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.feature_dim", "model.feature_dim", apply_on="instantiate")
+        parser.link_arguments("data.mode", "model.mode")
+        parser.link_arguments("data.encoder", "model.encoder")
+        parser.link_arguments("model.attention", "data.load_grid")
+
+
+def run_training(argv: Sequence[str]) -> int:
+    """Entry point of `captioner train ...`; argv is everything after `train`."""
+    args = list(argv)
+    if not args or args[0].startswith("-"):
+        args = ["fit", *args]  # `captioner train --config x.yaml` means fit
+    torch.set_float32_matmul_precision("high")
+    CaptionerCLI(CaptioningModule, CaptionDataModule, args=args, save_config_kwargs={"overwrite": True},
+                 seed_everything_default=0)
+    return 0
