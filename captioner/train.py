@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -17,6 +16,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from captioner.data.datamodule import CaptionDataModule
 from captioner.model.module import CaptioningModule
+from captioner.export import load_module
 from captioner.modelfile import save_model
 
 class ExportModelFile(pl.Callback):
@@ -46,11 +46,6 @@ class ExportModelFile(pl.Callback):
 
 def _jsonable(hparams: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dict(hparams), default=str))
-
-
-def load_module(checkpoint: str | Path) -> CaptioningModule:
-    """Load a training checkpoint with torch's restricted (weights-only) unpickler."""
-    return CaptioningModule.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True)
 
 
 class CaptionerCLI(LightningCLI):

@@ -1,0 +1,92 @@
+"""The library side of `captioner caption | evaluate | export`; cli.py only parses.
+
+Each command reports per-file problems as `captioner: error: PATH: reason` and keeps going;
+the exit status is 1 if anything failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from captioner.cli import CaptionerError, error_line
+
+
+def _load_captioner(model: str | None, device: str):
+    from captioner.api import Captioner
+    from captioner.modelfile import ModelFileError
+    try:
+        return Captioner.load(model, device=device)
+    except (ModelFileError, ValueError) as exc:
+        raise CaptionerError(str(exc)) from None
+
+
+def caption(args: argparse.Namespace) -> int:
+    from captioner.images import find_images
+    if args.beam_size < 1 or args.n_best < 1 or args.max_length < 1 or args.batch_size < 1:
+        raise CaptionerError("--beam-size, --n-best, --max-length and --batch-size must be at least 1")
+    if not args.sample and args.n_best > args.beam_size:
+        raise CaptionerError(f"--n-best {args.n_best} needs --beam-size >= {args.n_best}")
+    images, missing = find_images(args.paths)
+    failed = len(missing)
+    for given, reason in missing:
+        error_line(f"{given}: {reason}")
+    if not images:
+        return 1
+    captioner = _load_captioner(args.model, args.device)
+    want_maps = args.attention_maps is not None
+    if want_maps and not captioner.decoder.config.attention:
+        error_line(f"{args.model or 'default model'}: has no attention; --attention-maps ignored")
+        want_maps = False
+    results = captioner.iter_captions(
+        images, beam_size=args.beam_size, n_best=args.n_best, max_length=args.max_length,
+        length_penalty=args.length_penalty, sample=args.sample, temperature=args.temperature,
+        top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, return_attention=want_maps)
+    for result in results:
+        if not result.ok:
+            failed += 1
+            error_line(f"{result.image}: {result.error}")
+            continue
+        if args.format == "jsonl":
+            print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
+        else:
+            print(f"{result.image}\t{result.caption}", flush=True)
+            for alt in result.alternatives[1:]:
+                print(f"{result.image}\t  {alt.caption}\t({alt.log_prob:.3f})", flush=True)
+        if want_maps and result.attention:
+            _write_map(args.attention_maps, result, captioner)
+    return 1 if failed else 0
+
+
+def _write_map(out_dir: str, result, captioner) -> None:
+    from captioner.attention_maps import write_attention_png
+    from captioner.images import load_image
+    write_attention_png(out_dir, result.image, load_image(result.image), result.words, result.attention,
+                        result.grid_shape)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from captioner.evaluation import evaluate_model
+    from captioner.data.sources import DatasetError
+    try:
+        metrics = evaluate_model(
+            model=args.model, dataset=args.dataset, data_root=args.data_root, split=args.split,
+            beam_size=args.beam_size, length_penalty=args.length_penalty, max_length=args.max_length,
+            batch_size=args.batch_size, limit=args.limit, features=args.features, device=args.device,
+            output=args.output, predictions=args.predictions)
+    except DatasetError as exc:
+        raise CaptionerError(str(exc)) from None
+    print(" ".join(f"{k.upper()} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
+          f"  ({metrics['n_images']} images, beam {metrics['beam_size']})")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from captioner.export import export_checkpoint
+    try:
+        export_checkpoint(args.checkpoint, args.output)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CaptionerError(f"{args.checkpoint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    print(f"captioner: wrote {args.output}", file=sys.stderr)
+    return 0
