@@ -8,7 +8,6 @@ from captioner.api import Captioner
 from captioner.data.sources import DatasetError, read_dataset
 from captioner.metrics import bleu_scores
 from captioner.modelfile import atomic_write_text
-from captioner.text import tokenize
 
 
 def evaluate_model(model: str | None, dataset: str, data_root: str, split: str = "test", beam_size: int = 3,
@@ -30,7 +29,7 @@ def evaluate_model(model: str | None, dataset: str, data_root: str, split: str =
         if bad:
             raise DatasetError(f"{bad[0].image}: {bad[0].error} ({len(bad)} unreadable images in the split)")
         hyps = [r.caption for r in results]
-    metrics = bleu_scores(hyps, [[tokenize(c) for c in r.captions] for r in records])
+    metrics = bleu_scores(hyps, [list(r.captions) for r in records])
     metrics.update(n_images=len(records), beam_size=beam_size, length_penalty=length_penalty,
                    split=split, dataset=dataset, model=captioner.source)
     if output:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.sources import Record, read_dataset
-from captioner.text import Vocabulary, tokenize
+from captioner.text import Vocabulary
 
 
 def pad_captions(captions: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -107,7 +107,7 @@ class CaptionDataModule(pl.LightningDataModule):
             if not recs:
                 raise ValueError(f"{data_root}: no images in split {split!r} of dataset {dataset!r}")
         self.vocabulary = Vocabulary.build((c for r in self.train_records for c in r.captions), min_word_freq)
-        self.val_references = [[tokenize(c) for c in r.captions] for r in self.val_records]
+        self.val_references = [list(r.captions) for r in self.val_records]
         self._cache = None
         self._preprocessing = None
 

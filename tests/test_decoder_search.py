@@ -1,0 +1,152 @@
+"""Decoder and search behaviour on small random models (fast, no data needed)."""
+import pytest
+import torch
+
+from captioner.model.decoder import CaptionDecoder, DecoderConfig
+from captioner.model.search import beam_search, greedy, length_penalty, sample
+from captioner.text import Vocabulary
+
+CONFIGS = [(cell, att) for cell in ("lstm", "gru", "rnn") for att in (False, True)]
+
+
+def make(cell="lstm", attention=False, layers=1, vocab=40, seed=0):
+    torch.manual_seed(seed)
+    cfg = DecoderConfig(vocab_size=vocab, feature_dim=16, cell=cell, attention=attention, embed_dim=8,
+                        hidden_dim=12, attention_dim=10, num_layers=layers, dropout=0.0)
+    dec = CaptionDecoder(cfg).eval()
+    grid = torch.randn(5, 6, 16)
+    return dec, dec.memory(grid, grid.mean(1))
+
+
+def padded_batch(vocab=40):
+    lengths = torch.tensor([7, 4, 3, 6, 5])
+    caps = torch.randint(4, vocab, (5, 7))
+    caps[:, 0] = Vocabulary.start_id
+    for i, n in enumerate(lengths):
+        caps[i, n - 1] = Vocabulary.end_id
+        caps[i, n:] = Vocabulary.pad_id
+    return caps, lengths
+
+
+@pytest.mark.parametrize("cell,attention", CONFIGS)
+def test_teacher_forcing_equals_step_by_step(cell, attention):
+    dec, mem = make(cell, attention, layers=2)
+    caps, lengths = padded_batch()
+    logits, targets, alphas = dec(mem, caps, lengths)
+    state, outs = dec.init_state(mem), []
+    for t in range(caps.shape[1] - 1):
+        out, state, _ = dec.step(caps[:, t], state, mem)
+        outs.append(out)
+    mask = torch.arange(caps.shape[1] - 1)[None] < (lengths - 1)[:, None]
+    assert logits.shape == (int((lengths - 1).sum()), 40)
+    assert torch.allclose(torch.stack(outs, 1)[mask], logits, atol=1e-5)
+    assert torch.equal(targets, caps[:, 1:][mask])
+    if attention:
+        assert alphas.shape == (5, 6, 6)
+        valid = alphas.sum(-1)[mask]
+        assert torch.allclose(valid, torch.ones_like(valid), atol=1e-5)  # a distribution per word
+        assert alphas[~mask].abs().sum() == 0  # no attention computed on padding
+    else:
+        assert alphas is None
+
+
+def test_padding_does_not_change_results():
+    dec, mem = make("lstm", True)
+    caps, lengths = padded_batch()
+    logits, _, _ = dec(mem, caps, lengths)
+    wider = torch.cat([caps, torch.zeros(5, 4, dtype=torch.long)], 1)
+    logits2, _, _ = dec(mem, wider, lengths)
+    assert torch.allclose(logits, logits2, atol=1e-6)
+
+
+def test_rnn_cell_is_plain_tanh_rnn():
+    dec, mem = make("rnn")
+    assert isinstance(dec.rnn, torch.nn.RNN) and dec.rnn.nonlinearity == "tanh"
+    h0 = dec.init_state(mem)[0]
+    tok = torch.full((5,), Vocabulary.start_id)
+    _, (h1,), _ = dec.step(tok, (h0,), mem)
+    r = dec.rnn
+    manual = torch.tanh(dec.embedding(tok) @ r.weight_ih_l0.T + r.bias_ih_l0 + h0[0] @ r.weight_hh_l0.T + r.bias_hh_l0)
+    assert torch.allclose(h1[0], manual, atol=1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="cell"):
+        DecoderConfig(vocab_size=10, feature_dim=4, cell="transformer")
+    with pytest.raises(ValueError, match="dropout"):
+        DecoderConfig(vocab_size=10, feature_dim=4, dropout=1.0)
+
+
+@pytest.mark.parametrize("cell,attention", CONFIGS)
+def test_beam_size_one_equals_greedy_argmax(cell, attention):
+    dec, mem = make(cell, attention)
+    result = beam_search(dec, mem, beam_size=1, max_length=12)
+    # reference: a plain argmax loop over step()
+    state, tok = dec.init_state(mem), torch.full((5,), Vocabulary.start_id)
+    ref = []
+    for _ in range(12):
+        logits, state, _ = dec.step(tok, state, mem)
+        logits[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
+        tok = logits.argmax(-1)
+        ref.append(tok)
+    ref = torch.stack(ref, 1)
+    for i in range(5):
+        n = int(result.lengths[i, 0])
+        assert torch.equal(result.tokens[i, 0, :n], ref[i, :n])
+    assert torch.equal(greedy(dec, mem, 12).tokens, result.tokens)
+
+
+def test_beams_sorted_and_n_best_shapes():
+    dec, mem = make("gru", True)
+    r = beam_search(dec, mem, beam_size=5, max_length=10, n_best=5, alpha=0.7, return_attention=True)
+    assert r.tokens.shape[:2] == (5, 5) and r.attention.shape[:2] == (5, 5)
+    assert (r.scores[:, :-1] >= r.scores[:, 1:]).all()
+    assert torch.allclose(r.scores, r.log_probs / length_penalty(r.lengths, 0.7))
+
+
+def test_answer_even_when_no_beam_ends():
+    dec, mem = make("lstm")
+    with torch.no_grad():
+        dec.output.bias[Vocabulary.end_id] = -1e4  # <end> is never chosen
+    r = beam_search(dec, mem, beam_size=3, max_length=6, n_best=3)
+    assert r.tokens.shape == (5, 3, 6)
+    assert (r.lengths == 6).all() and torch.isfinite(r.log_probs).all()
+
+
+def test_batch_equals_one_at_a_time():
+    dec, mem = make("lstm", True)
+    together = beam_search(dec, mem, beam_size=4, max_length=10, n_best=2)
+    for i in range(5):
+        single = type(mem)(*(t[i:i + 1] for t in mem))
+        alone = beam_search(dec, single, beam_size=4, max_length=10, n_best=2)
+        n = alone.tokens.shape[2]
+        assert torch.equal(alone.tokens[0], together.tokens[i, :, :n])
+        assert torch.allclose(alone.log_probs[0], together.log_probs[i], atol=1e-5)
+
+
+def test_finished_log_prob_matches_rescoring():
+    dec, mem = make("gru")
+    r = beam_search(dec, mem, beam_size=3, max_length=10)
+    state, tok, total = dec.init_state(mem), torch.full((5,), Vocabulary.start_id), torch.zeros(5)
+    for t in range(int(r.lengths.max())):
+        logits, state, _ = dec.step(tok, state, mem)
+        tok = r.tokens[:, 0, t]
+        lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
+        total += torch.where(t < r.lengths[:, 0], lp, torch.zeros_like(lp))
+    assert torch.allclose(total, r.log_probs[:, 0], atol=1e-4)
+
+
+def test_sampling_respects_top_k_seed_and_temperature():
+    dec, mem = make("lstm")
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = sample(dec, mem, 10, temperature=0.7, top_k=3, num_samples=4, generator=g())
+    b = sample(dec, mem, 10, temperature=0.7, top_k=3, num_samples=4, generator=g())
+    assert torch.equal(a.tokens, b.tokens)
+    assert (a.log_probs[:, :-1] >= a.log_probs[:, 1:]).all()
+    # top_k=1 sampling is greedy
+    one = sample(dec, mem, 10, top_k=1, generator=g())
+    gr = greedy(dec, mem, 10)
+    n = one.tokens.shape[2]
+    assert torch.equal(one.tokens[:, 0], gr.tokens[:, 0, :n])
+    with pytest.raises(ValueError):
+        sample(dec, mem, 10, temperature=0)

@@ -1,0 +1,37 @@
+import pytest
+
+from captioner.text import SPECIALS, Vocabulary, tokenize
+
+
+def test_tokenize_follows_coco_ptb_convention():
+    assert tokenize("A black-and-white Dog's toy, on the GRASS.") == \
+        ["a", "black", "and", "white", "dogs", "toy", "on", "the", "grass"]
+    assert tokenize("  two\tdogs\n") == ["two", "dogs"]
+    assert tokenize("...!?") == []
+
+
+def test_vocabulary_min_frequency_order_and_specials():
+    vocab = Vocabulary.build(["a dog runs", "a dog sits", "a cat"], min_freq=2)
+    assert vocab.words[:4] == list(SPECIALS)
+    assert vocab.words[4:] == ["a", "dog"]  # most frequent first; 'runs','sits','cat' below min_freq
+
+
+def test_encode_decode_round_trip_and_unknowns():
+    vocab = Vocabulary.build(["a dog runs"] * 3, min_freq=1)
+    ids = vocab.encode("A dog flies!")
+    assert ids[0] == vocab.start_id and ids[-1] == vocab.end_id
+    assert ids[3] == vocab.unk_id
+    assert vocab.decode(ids) == "a dog <unk>"
+    assert vocab.decode([vocab.start_id, 4, vocab.end_id, 5]) == "a"  # stops at <end>
+    assert vocab.decode([4, vocab.pad_id, 5]) == "a dog"
+
+
+def test_json_round_trip_and_bad_json():
+    vocab = Vocabulary.build(["über café"], min_freq=1)
+    assert Vocabulary.from_json(vocab.to_json()).words == vocab.words
+    with pytest.raises(ValueError, match="not a vocabulary"):
+        Vocabulary.from_json("{nope")
+    with pytest.raises(ValueError, match="must start with"):
+        Vocabulary(["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="duplicate"):
+        Vocabulary(list(SPECIALS) + ["a", "a"])
