@@ -24,3 +24,30 @@ def flickr8k_root() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return root
+
+
+def make_tiny_model_file(path: Path, attention: bool = True, seed: int = 0) -> Path:
+    """A real-format model file: the real EfficientNet-Lite0 spec with a small random decoder.
+    Its captions are nonsense, but every code path (loading, search, attention maps) is real."""
+    import torch
+
+    from captioner.model.decoder import CaptionDecoder, DecoderConfig
+    from captioner.model.encoders import encoder_feature_dim, encoder_preprocessing
+    from captioner.modelfile import ModelFile, save_model
+    from captioner.text import Vocabulary
+
+    vocab = Vocabulary.build(["a dog runs on the grass", "a man rides a red bike", "two girls play"],
+                             min_freq=1)
+    cfg = DecoderConfig(vocab_size=len(vocab), feature_dim=encoder_feature_dim("efficientnet-lite0"),
+                        attention=attention, embed_dim=16, hidden_dim=32, attention_dim=16, dropout=0.0)
+    torch.manual_seed(seed)
+    decoder = CaptionDecoder(cfg)
+    encoder = {"name": "efficientnet-lite0",
+               "preprocessing": encoder_preprocessing("efficientnet-lite0").to_dict(), "finetuned": False}
+    save_model(path, ModelFile(decoder.state_dict(), cfg, vocab, encoder))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory) -> Path:
+    return make_tiny_model_file(tmp_path_factory.mktemp("models") / "tiny-attention.safetensors")
