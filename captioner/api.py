@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Sequence, Union
 import torch
 from PIL import Image
 
-from captioner.images import ImageLoadError, load_image
+from captioner.images import ImageLoadError, load_image, to_rgb
 from captioner.model.decoder import CaptionDecoder
 from captioner.model.search import SearchResult, decode_batch
 from captioner.modelfile import ModelFile, ModelFileError, load_model
@@ -137,7 +137,7 @@ class Captioner:
 
     def preprocess(self, item: ImageInput) -> torch.Tensor:
         """Decode (JPEG at reduced size when large) and transform exactly as in training."""
-        image = item.convert("RGB") if isinstance(item, Image.Image) else load_image(
+        image = to_rgb(item) if isinstance(item, Image.Image) else load_image(
             item, draft_size=self.preprocessing.draft_size)
         return self.transform(image)
 
