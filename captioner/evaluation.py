@@ -45,8 +45,8 @@ def _captions_from_cache(captioner: Captioner, cache_dir: str, image_ids: list[s
     """Decode from a FeatureCache built with the model's encoder (skips the CNN)."""
     from captioner.data.features import FeatureCache
     cache = FeatureCache.open(cache_dir)
-    if cache.encoder_name != captioner.model.encoder["name"]:
-        raise DatasetError(f"{cache_dir}: cache was built with {cache.encoder_name}, "
+    if cache.encoder != captioner.model.encoder["name"]:
+        raise DatasetError(f"{cache_dir}: cache was built with {cache.encoder}, "
                            f"the model uses {captioner.model.encoder['name']}")
     rows = [cache.index_of(i) for i in image_ids]
     need_grid = captioner.decoder.config.attention

@@ -73,7 +73,7 @@ class CaptionDataModule(pl.LightningDataModule):
         dataset: str = "flickr8k",
         data_root: str = "../shared/datasets/flickr8k",
         mode: str = "features",
-        feature_cache: str | None = "cache/flickr8k-efficientnet-lite0",
+        feature_cache: str | None = "cache/flickr8k-lite0",
         encoder: str = "efficientnet-lite0",
         load_grid: bool = True,
         train_split: str = "train",
