@@ -31,7 +31,7 @@ def caption(args: argparse.Namespace) -> int:
     images, missing = find_images(args.paths)
     failed = len(missing)
     for given, reason in missing:
-        error_line(f"{given}: {reason}")
+        error_line(f"{_shown(given)}: {reason}")
     if not images:
         return 1
     captioner = _load_captioner(args.model, args.device)
@@ -43,20 +43,45 @@ def caption(args: argparse.Namespace) -> int:
         images, beam_size=args.beam_size, n_best=args.n_best, max_length=args.max_length,
         length_penalty=args.length_penalty, sample=args.sample, temperature=args.temperature,
         top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, return_attention=want_maps)
+    _paths_as_bytes(sys.stdout)
     for result in results:
+        name = _shown(result.image)
         if not result.ok:
             failed += 1
-            error_line(f"{result.image}: {result.error}")
+            error_line(f"{name}: {result.error}")
             continue
         if args.format == "jsonl":
-            print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
+            print(_json_line(result.to_json()), flush=True)
         else:
-            print(f"{result.image}\t{result.caption}", flush=True)
+            print(f"{name}\t{result.caption}", flush=True)
             for alt in result.alternatives[1:]:
-                print(f"{result.image}\t  {alt.caption}\t({alt.log_prob:.3f})", flush=True)
+                print(f"{name}\t  {alt.caption}\t({alt.log_prob:.3f})", flush=True)
         if want_maps and result.attention:
             _write_map(args.attention_maps, result, captioner)
     return 1 if failed else 0
+
+
+def _shown(path) -> str:
+    """A path as printed in a one-line-per-image output: line breaks escaped, the rest as is."""
+    return str(path).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _paths_as_bytes(stream) -> None:
+    """Print file names that are not valid UTF-8 (os.fsdecode's lone surrogates) as their
+    original bytes, as ls does, instead of failing with UnicodeEncodeError mid-run."""
+    if hasattr(stream, "reconfigure") and (stream.errors or "strict") == "strict":
+        stream.reconfigure(errors="surrogateescape")
+
+
+def _json_line(obj: dict) -> str:
+    """One JSON object; non-ASCII as is, unless a file name has undecodable bytes: then \\u
+    escapes keep the line valid UTF-8 (os.fsencode of the parsed name gives the bytes back)."""
+    line = json.dumps(obj, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(obj)
+    return line
 
 
 def _write_map(out_dir: str, result, captioner) -> None:
