@@ -125,6 +125,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         error_line("interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`captioner caption *.jpg | head -1`): stop quietly. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        _silence_stdout()
+        return 1
+
+
+def _silence_stdout() -> None:
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (embedded, tests)
+        pass
 
 
 if __name__ == "__main__":
