@@ -20,19 +20,82 @@ def error_line(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+# argparse names the type function in its message ("invalid _positive_int value"); name
+# them as a user would read them.
+_positive_int.__name__ = "positive integer"
+_non_negative_int.__name__ = "non-negative integer"
+_positive_float.__name__ = "positive number"
+_finite_float.__name__ = "number"
+
+
+def _dataset_name(text: str) -> str:
+    from captioner.data.sources import DATASETS  # standard library only: cheap
+    if text.lower() not in DATASETS:
+        raise argparse.ArgumentTypeError(f"unknown dataset {text!r} (choose from {', '.join(DATASETS)})")
+    return text.lower()
+
+
+def _split_name(text: str) -> str:
+    from captioner.data.sources import SPLITS, _parse_splits
+    try:
+        return _parse_splits([text.strip()])[0]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown split {text!r} (choose from {', '.join(SPLITS)})") from None
+
+
+def _split_list(text: str) -> str:
+    for part in text.split(","):
+        if part.strip():
+            _split_name(part)
+    return text
+
+
+_dataset_name.__name__ = "dataset"
+_split_name.__name__ = "split"
+_split_list.__name__ = "splits"
+
+
 def _add_caption(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption image files, directories or globs")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, directories or globs")
     p.add_argument("--model", default=None, help="model file (.safetensors); default: the shipped model")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--n-best", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=30)
-    p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha; 0 = none")
+    p.add_argument("--beam-size", type=_positive_int, default=3)
+    p.add_argument("--n-best", type=_positive_int, default=1)
+    p.add_argument("--max-length", type=_positive_int, default=30)
+    p.add_argument("--length-penalty", type=_finite_float, default=0.0, help="GNMT alpha; 0 = none")
     p.add_argument("--sample", action="store_true", help="sample instead of beam search")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=_positive_float, default=1.0)
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = no top-k cut")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
     p.add_argument("--attention-maps", metavar="DIR", default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -41,15 +104,15 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="BLEU-1..4 of a model on a dataset split")
     p.add_argument("--model", default=None)
-    p.add_argument("--dataset", required=True,
+    p.add_argument("--dataset", required=True, type=_dataset_name,
                    help="flickr8k | flickr8k-kaggle | karpathy | coco | folder")
     p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--length-penalty", type=float, default=0.0)
-    p.add_argument("--max-length", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--split", default="test", type=_split_name)
+    p.add_argument("--beam-size", type=_positive_int, default=3)
+    p.add_argument("--length-penalty", type=_finite_float, default=0.0)
+    p.add_argument("--max-length", type=_positive_int, default=30)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N images")
     p.add_argument("--features", default=None, help="FeatureCache dir to skip the encoder")
     p.add_argument("--output", default=None, help="metrics JSON")
     p.add_argument("--predictions", default=None, help="predictions JSONL")
@@ -58,14 +121,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _add_features(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("features", help="build a FeatureCache of a frozen encoder")
-    p.add_argument("--dataset", required=True,
+    p.add_argument("--dataset", required=True, type=_dataset_name,
                    help="flickr8k | flickr8k-kaggle | karpathy | coco | folder")
     p.add_argument("--data-root", required=True)
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--encoder", default="efficientnet-lite0")
-    p.add_argument("--splits", default=None, help="comma list; default: all")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--splits", default=None, type=_split_list, help="comma list; default: all")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_non_negative_int, default=2)
     p.add_argument("--skip-missing", action="store_true")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
@@ -117,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "caption" and not args.sample and args.n_best > args.beam_size:
+        parser.error(f"--n-best {args.n_best} needs --beam-size >= {args.n_best}")
     try:
         return _dispatch(args)
     except CaptionerError as exc:
