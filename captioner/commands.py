@@ -34,6 +34,12 @@ def caption(args: argparse.Namespace) -> int:
         error_line(f"{_shown(given)}: {reason}")
     if not images:
         return 1
+    if args.attention_maps is not None:
+        try:  # before any work: a bad directory must not surface after the first image
+            Path(args.attention_maps).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CaptionerError(f"{args.attention_maps}: cannot create the attention map directory "
+                                 f"({exc.strerror or exc})") from None
     captioner = _load_captioner(args.model, args.device)
     want_maps = args.attention_maps is not None
     if want_maps and not captioner.decoder.config.attention:
@@ -57,7 +63,11 @@ def caption(args: argparse.Namespace) -> int:
             for alt in result.alternatives[1:]:
                 print(f"{name}\t  {alt.caption}\t({alt.log_prob:.3f})", flush=True)
         if want_maps and result.attention:
-            _write_map(args.attention_maps, result, captioner)
+            try:
+                _write_map(args.attention_maps, result, captioner)
+            except OSError as exc:  # disk full, directory removed meanwhile: stop, one line
+                raise CaptionerError(f"{args.attention_maps}: cannot write the attention map of {name} "
+                                     f"({exc.strerror or exc})") from None
     return 1 if failed else 0
 
 
