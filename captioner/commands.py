@@ -103,15 +103,26 @@ def _write_map(out_dir: str, result, captioner) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     from captioner.evaluation import evaluate_model
+    from captioner.api import resolve_device
+    from captioner.data.features import StaleCacheError
     from captioner.data.sources import DatasetError
+    from captioner.modelfile import ModelFileError
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        raise CaptionerError(str(exc)) from None
     try:
         metrics = evaluate_model(
             model=args.model, dataset=args.dataset, data_root=args.data_root, split=args.split,
             beam_size=args.beam_size, length_penalty=args.length_penalty, max_length=args.max_length,
             batch_size=args.batch_size, limit=args.limit, features=args.features, device=args.device,
             output=args.output, predictions=args.predictions)
-    except DatasetError as exc:
+    except (DatasetError, ModelFileError, StaleCacheError) as exc:
         raise CaptionerError(str(exc)) from None
+    except KeyError as exc:  # FeatureCache.index_of: an image of the split is not in --features
+        if "feature cache" not in str(exc):
+            raise
+        raise CaptionerError(f"{exc.args[0]}; build the cache for this split with `captioner features`") from None
     print(" ".join(f"{k.upper()} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
           f"  ({metrics['n_images']} images, beam {metrics['beam_size']})")
     return 0
