@@ -169,8 +169,28 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _report_dataset_warnings() -> None:
+    """Show what a dataset reader dropped on purpose (a counted DatasetWarning) as one
+    `captioner: warning: ...` line, not as Python's "file.py:331: DatasetWarning" plus the
+    source line that raised it. Other warnings are shown as usual."""
+    import warnings
+    shown = warnings.showwarning
+    if getattr(shown, "_captioner", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ == "DatasetWarning":
+            print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._captioner = True
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _report_dataset_warnings()
     if argv and argv[0] == "train":
         # LightningCLI owns the whole argument surface of `train`.
         from captioner.train import run_training
