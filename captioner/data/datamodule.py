@@ -183,9 +183,9 @@ class CaptionDataModule(pl.LightningDataModule):
     def _open_or_build_cache(self):
         """Use the cache when it matches (encoder, preprocessing, image list); else build it."""
         from captioner.data.features import ensure_cache
-        records = self.train_records + self.val_records
+        records = {r.image_id: r.path for r in self.train_records + self.val_records}  # val may be train
         return ensure_cache(self.hparams.feature_cache, self.hparams.encoder,
-                            [r.path for r in records], [r.image_id for r in records],
+                            list(records.values()), list(records),
                             workers=self.hparams.num_workers)
 
     # ---- batches ---------------------------------------------------------------------------
