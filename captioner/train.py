@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -63,6 +64,8 @@ def run_training(argv: Sequence[str]) -> int:
     if not args or args[0].startswith("-"):
         args = ["fit", *args]  # `captioner train --config x.yaml` means fit
     torch.set_float32_matmul_precision("high")
+    # sys.argv stays as it is (DDP re-launches it in each process); `args` is what we parse.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     CaptionerCLI(CaptioningModule, CaptionDataModule, args=args, save_config_kwargs={"overwrite": True},
                  seed_everything_default=0)
     return 0
