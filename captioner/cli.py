@@ -153,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_caption_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors exit 2 (argparse's convention), before any model is loaded."""
+    if args.command != "caption":
+        return
+    for name in ("beam_size", "n_best", "max_length", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.sample and args.n_best > args.beam_size:
+        parser.error(f"--n-best {args.n_best} needs --beam-size >= {args.n_best}")
+    if args.temperature <= 0 or args.top_k < 0:
+        parser.error("--temperature must be positive and --top-k non-negative")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "caption":
         from captioner.commands import caption
@@ -200,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _check_caption_args(parser, args)
     if args.command == "caption" and not args.sample and args.n_best > args.beam_size:
         parser.error(f"--n-best {args.n_best} needs --beam-size >= {args.n_best}")
     try:

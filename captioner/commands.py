@@ -24,10 +24,6 @@ def _load_captioner(model: str | None, device: str):
 
 def caption(args: argparse.Namespace) -> int:
     from captioner.images import find_images
-    if args.beam_size < 1 or args.n_best < 1 or args.max_length < 1 or args.batch_size < 1:
-        raise CaptionerError("--beam-size, --n-best, --max-length and --batch-size must be at least 1")
-    if not args.sample and args.n_best > args.beam_size:
-        raise CaptionerError(f"--n-best {args.n_best} needs --beam-size >= {args.n_best}")
     images, missing = find_images(args.paths)
     failed = len(missing)
     for given, reason in missing:
