@@ -290,12 +290,12 @@ def test_evaluate_writes_metrics_and_predictions_by_rename(dataset, tiny_model_f
                    "resumes from the best epoch, not the last (fix: add a monitor-less ModelCheckpoint)")
 def test_shipped_checkpoint_settings_refresh_last_ckpt_every_epoch(dataset, reference_cache, tmp_path):
     shipped = yaml.safe_load((REPO / "configs" / "flickr8k-lstm.yaml").read_text())
-    checkpoint = next(c for c in shipped["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    checkpoints = [c for c in shipped["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     config = train_config(tmp_path, dataset, reference_cache, max_epochs=3)
     settings = yaml.safe_load(config.read_text())
-    settings["trainer"]["callbacks"] = [
-        {"class_path": checkpoint["class_path"],
-         "init_args": {**checkpoint["init_args"], "dirpath": str(tmp_path / "ckpt")}}]
+    settings["trainer"]["callbacks"] = [  # the shipped checkpoint callbacks, writing into tmp_path
+        {"class_path": c["class_path"], "init_args": {**c["init_args"], "dirpath": str(tmp_path / "ckpt")}}
+        for c in checkpoints]
     config.write_text(yaml.safe_dump(settings))
     run("train", "--config", config)
     assert checkpoint_epoch(tmp_path / "ckpt" / "last.ckpt") == 2
