@@ -15,7 +15,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
 
+from captioner.cli import error_line
 from captioner.data.datamodule import CaptionDataModule
+from captioner.data.features import ImageFeaturesError, StaleCacheError
+from captioner.data.sources import DatasetError
 from captioner.model.module import CaptioningModule
 from captioner.export import load_module
 from captioner.modelfile import save_model
@@ -66,6 +69,10 @@ def run_training(argv: Sequence[str]) -> int:
     torch.set_float32_matmul_precision("high")
     # sys.argv stays as it is (DDP re-launches it in each process); `args` is what we parse.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    CaptionerCLI(CaptioningModule, CaptionDataModule, args=args, save_config_kwargs={"overwrite": True},
-                 seed_everything_default=0)
+    try:
+        CaptionerCLI(CaptioningModule, CaptionDataModule, args=args, save_config_kwargs={"overwrite": True},
+                     seed_everything_default=0, parser_kwargs={"prog": "captioner train"})
+    except (DatasetError, ImageFeaturesError, StaleCacheError) as exc:
+        error_line(str(exc))  # a problem with the user's data: one line, not a traceback
+        return 1
     return 0

@@ -279,10 +279,6 @@ def test_train_missing_config_file_is_a_usage_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err.splitlines()[-1]
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, RuntimeError),
-                   reason="train.run_training lets the datamodule's DatasetError (and the feature "
-                          "cache's ImageFeaturesError) escape LightningCLI as a traceback (fix: catch "
-                          "them there, print one error line, return 1)")
 @pytest.mark.parametrize("problem", ["no such directory", "empty caption", "corrupt image"])
 def test_train_dataset_problem_is_one_error_line(tmp_path, capsys, problem):
     from captioner.cli import main

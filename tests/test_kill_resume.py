@@ -285,9 +285,6 @@ def test_evaluate_writes_metrics_and_predictions_by_rename(dataset, tiny_model_f
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="configs/*.yaml rely on save_last of the val/bleu4 ModelCheckpoint, which "
-                   "Lightning 2.6 refreshes only in epochs that improve BLEU-4: --ckpt_path last.ckpt then "
-                   "resumes from the best epoch, not the last (fix: add a monitor-less ModelCheckpoint)")
 def test_shipped_checkpoint_settings_refresh_last_ckpt_every_epoch(dataset, reference_cache, tmp_path):
     shipped = yaml.safe_load((REPO / "configs" / "flickr8k-lstm.yaml").read_text())
     checkpoints = [c for c in shipped["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]

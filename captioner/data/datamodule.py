@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from captioner.data.sources import Record, read_dataset
+from captioner.data.sources import DatasetError, Record, read_dataset
 from captioner.text import Vocabulary
 
 
@@ -144,7 +144,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.val_records = [r for r in records if r.split == val_split][:val_limit]
         for split, recs in ((train_split, self.train_records), (val_split, self.val_records)):
             if not recs:
-                raise ValueError(f"{data_root}: no images in split {split!r} of dataset {dataset!r}")
+                raise DatasetError(f"{data_root}: no images in split {split!r} of dataset {dataset!r}")
         self.vocabulary = Vocabulary.build((c for r in self.train_records for c in r.captions), min_word_freq)
         self.val_references = [list(r.captions) for r in self.val_records]
         self._cache = None
