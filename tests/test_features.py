@@ -298,3 +298,25 @@ def test_features_command_offline_torchvision_error(flickr8k_root, tmp_path, mon
     assert code == 1 and len(errors) == 1  # one line (dataset warnings may precede it)
     assert errors[0].startswith("captioner: error: resnet18: pretrained weights")
     assert "resnet18-f37072fd.pth" in errors[0]
+
+
+def test_features_command_unwritable_out(flickr8k_root, tmp_path, small_flickr8k, capsys):
+    from captioner.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = main(["features", "--dataset", "flickr8k", "--data-root", str(flickr8k_root),
+                 "--out", str(blocker / "cache"), "--workers", "0"])
+    assert code == 1
+    assert f"captioner: error: {blocker / 'cache'}: cannot write the feature cache" in capsys.readouterr().err
+
+
+def test_thread_count_is_set_for_the_run_and_restored(images, reference, tmp_path, monkeypatch):
+    seen = []
+    real_encode = features._encode
+    monkeypatch.setattr(features, "_encode", lambda *a: seen.append(torch.get_num_threads()) or real_encode(*a))
+    before = torch.get_num_threads()
+    extract(images, tmp_path, threads=1)
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    assert file_bytes(tmp_path) == file_bytes(reference)  # thread count does not change bytes
+    assert features.default_threads(workers=10**6) == 1
