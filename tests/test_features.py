@@ -99,7 +99,7 @@ def test_cache_is_a_read_only_memmap(reference):
     assert index["complete"] and index["done"] == N_IMAGES and index["failed"] == []
     assert index["grid_shape"] == [N_IMAGES, 16, 16] and index["dtype"] == "<f2"
     assert (reference / "grid.f16").stat().st_size == N_IMAGES * 16 * 16 * 2
-    assert sorted(p.name for p in reference.iterdir()) == sorted(FILES)  # no temp files left
+    assert sorted(p.name for p in reference.iterdir()) == sorted([*FILES, ".lock"])  # no temp files
 
 
 def test_up_to_date_cache_is_reused(images, reference, tmp_path):
@@ -320,3 +320,17 @@ def test_thread_count_is_set_for_the_run_and_restored(images, reference, tmp_pat
     assert set(seen) == {1} and torch.get_num_threads() == before
     assert file_bytes(tmp_path) == file_bytes(reference)  # thread count does not change bytes
     assert features.default_threads(workers=10**6) == 1
+
+
+def test_a_second_writer_waits_for_the_first(images, reference, tmp_path, caplog):
+    """Concurrent extractions into one directory are serialized by an flock on .lock."""
+    import threading
+
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (extract(images, tmp_path), done.set()))
+    with features._writer_lock(tmp_path):  # "another process" holds the cache
+        worker.start()
+        assert not done.wait(timeout=1.0)
+        assert "another process is writing it" in caplog.text
+    worker.join(timeout=60)
+    assert done.is_set() and file_bytes(tmp_path) == file_bytes(reference)

@@ -61,6 +61,7 @@ FORMAT_VERSION = 1
 GRID_FILE = "grid.f16"
 POOLED_FILE = "pooled.f16"
 INDEX_FILE = "index.json"
+LOCK_FILE = ".lock"
 DTYPE = np.dtype("<f2")  # little-endian float16, whatever the machine
 _INDEX_KEYS = {
     "format_version": int, "fingerprint": str, "encoder_fingerprint": str, "encoder": str,
@@ -354,6 +355,13 @@ def extract_features(
     paths, ids = [Path(p) for p in image_paths], [str(i) for i in image_ids]
     _check_inputs(paths, ids)
     directory = Path(out_dir)
+    with _writer_lock(directory):
+        return _extract(encoder, paths, ids, directory, batch_size, workers, device, progress, threads)
+
+
+def _extract(encoder: Encoder, paths: list[Path], ids: list[str], directory: Path, batch_size: int,
+             workers: int, device: str | torch.device, progress: bool, threads: int | None) -> FeatureCache:
+    """extract_features, with the directory's writer lock held."""
     encoder_fp = encoder_fingerprint(encoder)
     plan = _plan(directory, _new_index(encoder, ids, encoder_fp))
     if plan.reason.startswith("rebuilding"):
@@ -370,6 +378,32 @@ def extract_features(
     if plan.index["failed"]:
         raise ImageFeaturesError(plan.index["failed"], len(ids), directory)
     return FeatureCache.open(directory, plan.index["fingerprint"])
+
+
+@contextmanager
+def _writer_lock(directory: Path) -> Iterator[None]:
+    """One writer per cache directory; a second one waits for the first to finish.
+
+    Two extractions into one directory would fight over index.json, and a rebuild would swap
+    the data files under the other (three training runs started together all build the same
+    cache). flock() dies with its process, so a killed run never leaves the cache locked.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_FILE, "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("feature cache %s: another process is writing it; waiting for it", directory)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def default_threads(workers: int) -> int:
@@ -495,15 +529,30 @@ def ensure_cache(
     from captioner.model.encoders import build_encoder
 
     encoder = build_encoder(encoder_name)
-    try:
-        cache = FeatureCache.open(out_dir)
-        if (cache.index["encoder_fingerprint"] == encoder_fingerprint(encoder)
-                and all(i in cache for i in image_ids)):
+    directory = Path(out_dir)
+    encoder_fp = encoder_fingerprint(encoder)
+    cache = _covering_cache(directory, encoder_fp, image_ids)  # the common case: no lock needed
+    if cache is not None:
+        return cache
+    paths, ids = [Path(p) for p in image_paths], [str(i) for i in image_ids]
+    _check_inputs(paths, ids)
+    with _writer_lock(directory):
+        # Another process may have finished a covering cache while we waited for the lock.
+        cache = _covering_cache(directory, encoder_fp, ids)
+        if cache is not None:
             return cache
+        return _extract(encoder, paths, ids, directory, batch_size, workers, device, progress, None)
+
+
+def _covering_cache(directory: Path, encoder_fp: str, image_ids: Sequence[str]) -> FeatureCache | None:
+    """The complete cache in `directory` if it has this encoder's features of every id."""
+    try:
+        cache = FeatureCache.open(directory)
     except StaleCacheError:
-        pass
-    return extract_features(encoder, image_paths, image_ids, out_dir, batch_size=batch_size,
-                            workers=workers, device=device, progress=progress)
+        return None
+    if cache.index["encoder_fingerprint"] == encoder_fp and all(i in cache for i in image_ids):
+        return cache
+    return None
 
 
 # ------------------------------------------------------------------------------------ CLI
