@@ -1,0 +1,117 @@
+"""Captioning throughput (`Captioner.caption`) at beam 1, 3, 5 as a fraction of the
+encoder-only pass over the same images.
+
+The baseline is the same `Captioner.caption` call with the search replaced by a no-op
+(`decode_features` returns an empty result): same files, same load/preprocess thread pool,
+same batching, same encoder; only the decoder's search is missing. The ratio is therefore
+what the search costs on top of the work every caption needs anyway.
+
+Also reported, to show where the time goes: the search alone on precomputed encoder
+features (per beam), and decode+preprocess alone (the thread pool, no network).
+
+    python benchmarks/bench_caption_throughput.py [--model FILE] [--images 256] [--batch-size 32]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_threads_option, apply_threads, emit, flickr8k_records, interleaved, machine, model_path, summary  # noqa: E402
+
+TARGET_BEAM3_RATIO = 0.75
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model file; default: the shipped model")
+    p.add_argument("--images", type=int, default=256, help="Flickr8k test images (first N)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--beams", default="1,3,5", help="comma list of beam sizes")
+    p.add_argument("--max-length", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (interleaved); median reported")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    add_threads_option(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    apply_threads(args)
+    import torch
+
+    from captioner.api import Captioner
+    from captioner.model.search import SearchResult
+
+    model = model_path(args.model)
+    paths = [r.path for r in flickr8k_records("test", args.images)]
+    beams = [int(b) for b in args.beams.split(",")]
+    captioner = Captioner.load(model, device=args.device)
+
+    def empty_search(grid, pooled, **_):  # what the baseline does instead of searching
+        b = pooled.shape[0]
+        zeros = torch.zeros(b, 1)
+        return SearchResult(torch.zeros(b, 1, 1, dtype=torch.long), zeros, zeros, zeros.long())
+
+    encoder_only = copy.copy(captioner)
+    encoder_only.decode_features = empty_search  # instance attribute shadows the method
+
+    def run(c, **search):
+        def go():
+            results = c.caption(paths, batch_size=args.batch_size, **search)
+            bad = [r for r in results if not r.ok]
+            if bad:
+                raise SystemExit(f"bench: {bad[0].image}: {bad[0].error}")
+            return results
+        return go
+
+    cases = {"encoder_only": run(encoder_only, beam_size=1)}
+    cases.update({f"beam{b}": run(captioner, beam_size=b, max_length=args.max_length) for b in beams})
+    seconds = interleaved(cases, args.repeats, args.warmup)
+
+    # Decomposition: the search alone on precomputed features, and load+preprocess alone.
+    with torch.inference_mode():
+        batches = []
+        for i in range(0, len(paths), args.batch_size):
+            pixels = torch.stack([captioner.preprocess(p) for p in paths[i:i + args.batch_size]])
+            feats = captioner.encoder(pixels.to(captioner.device))
+            batches.append((feats.grid, feats.pooled))
+
+    def search_only(b):
+        return lambda: [captioner.decode_features(g, p, beam_size=b, max_length=args.max_length)
+                        for g, p in batches]
+
+    def preprocess_only():
+        from concurrent.futures import ThreadPoolExecutor
+        import os
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # as iter_captions
+            list(pool.map(captioner.preprocess, paths))
+
+    parts = {f"search_only_beam{b}": search_only(b) for b in beams}
+    parts["load_and_preprocess_only"] = preprocess_only
+    part_seconds = interleaved(parts, args.repeats, args.warmup)
+
+    n = len(paths)
+    ips = {name: round(n / summary(s)["median_s"], 2) for name, s in {**seconds, **part_seconds}.items()}
+    ratios = {f"beam{b}": round(ips[f"beam{b}"] / ips["encoder_only"], 3) for b in beams}
+    beam3 = ratios.get("beam3")
+    return emit({
+        "benchmark": "caption_throughput",
+        "machine": machine(str(captioner.device)),
+        "model": str(model),
+        "decoder": captioner.decoder.config.to_dict(),
+        "sizes": {"images": n, "batch_size": args.batch_size, "beams": beams, "max_length": args.max_length,
+                  "repeats": args.repeats, "warmup": args.warmup, "dataset": "flickr8k test (first N)"},
+        "images_per_s": ips,
+        "ratio_to_encoder_only": ratios,
+        "seconds": {name: summary(s) for name, s in {**seconds, **part_seconds}.items()},
+        "target": {"beam3_ratio_at_least": TARGET_BEAM3_RATIO,
+                   "met": None if beam3 is None else beam3 >= TARGET_BEAM3_RATIO},
+    })
+
+
+if __name__ == "__main__":
+    main()
