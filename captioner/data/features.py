@@ -20,7 +20,7 @@ uninterrupted run (each batch is exactly the batch the uninterrupted run would c
 those must match: CPU kernels round differently for different batch shapes; lite0 features of
 the same images encoded 4 at a time vs 64 at a time differ by one float16 step in ~0.1% of
 values. (On CPU, chunks of CPU_CHUNK images make any batch size that is a multiple of it give
-the same bytes.) One writer per directory at a time: an flock on `.lock`.
+the same bytes.) One writer per directory at a time: an flock on the directory.
 """
 from __future__ import annotations
 
@@ -65,7 +65,6 @@ FORMAT_VERSION = 1
 GRID_FILE = "grid.f16"
 POOLED_FILE = "pooled.f16"
 INDEX_FILE = "index.json"
-LOCK_FILE = ".lock"
 DTYPE = np.dtype("<f2")  # little-endian float16, whatever the machine
 _INDEX_KEYS = {
     "format_version": int, "fingerprint": str, "encoder_fingerprint": str, "encoder": str,
@@ -390,24 +389,25 @@ def _writer_lock(directory: Path) -> Iterator[None]:
 
     Two extractions into one directory would fight over index.json, and a rebuild would swap
     the data files under the other (three training runs started together all build the same
-    cache). flock() dies with its process, so a killed run never leaves the cache locked.
+    cache). The lock is an flock on the directory itself (no lock file to leave behind) and
+    dies with its process, so a killed run never leaves the cache locked.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_FILE, "a") as handle:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
         try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            yield
-            return
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.warning("feature cache %s: another process is writing it; waiting for it", directory)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def default_threads(workers: int) -> int:
