@@ -82,12 +82,17 @@ def test_flickr8k_original_image_folder_name(flickr):
 def test_flickr8k_skips_bogus_key_and_unlisted_images_with_counts(flickr):
     extra = "2258277193_586949ec62.jpg.1#0\tpeople waiting\ne.jpg#0\tunlisted\nf.jpg#0\tno\n"
     _write(flickr / "Flickr8k.token.txt", _token_lines(SPLIT_OF) + extra)
+    for name in ("e.jpg", "f.jpg"):  # unlisted, but on disk
+        (flickr / "images" / name).write_bytes(b"")
     with pytest.warns(DatasetWarning) as caught:
         records = read_flickr8k(flickr)
     messages = [str(w.message) for w in caught]
     assert any("1 known bogus key" in m and "2258277193_586949ec62.jpg.1" in m for m in messages)
-    assert any("2 captioned images in no split list" in m and "e.jpg" in m for m in messages)
-    assert len(records) == 4
+    assert any("kept 2 captioned images in no split list with no split" in m and "e.jpg" in m for m in messages)
+    assert len(records) == 6 and [r.split for r in records if r.image_id in ("e.jpg", "f.jpg")] == ["", ""]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)
+        assert len(read_flickr8k(flickr, splits=["train", "dev", "test"])) == 4
 
 
 def test_flickr8k_splits_filter_and_val_alias(flickr):
@@ -212,9 +217,10 @@ def test_kaggle_with_split_lists_and_bom(tmp_path):
     raw = (tmp_path / "captions.txt").read_bytes()
     (tmp_path / "captions.txt").write_bytes(b"\xef\xbb\xbf" + raw)
     _split_lists(tmp_path)
-    with pytest.warns(DatasetWarning, match="1 captioned image in no split list: e.jpg"):
+    (tmp_path / "Images" / "e.jpg").write_bytes(b"")
+    with pytest.warns(DatasetWarning, match="kept 1 captioned image in no split list with no split: e.jpg"):
         records = read_dataset("flickr8k-kaggle", tmp_path)
-    assert [r.split for r in records] == ["train", "train", "dev", "test"]
+    assert [r.split for r in records] == ["train", "train", "dev", "test", ""]
 
 
 @pytest.mark.parametrize("rows,expected", [
@@ -423,11 +429,12 @@ def test_unknown_dataset_name(tmp_path):
 def real_flickr8k(flickr8k_root) -> list[Record]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = read_flickr8k(flickr8k_root)
+        everything = read_flickr8k(flickr8k_root)
     messages = [str(w.message) for w in caught]
     assert any("1 known bogus key" in m for m in messages)
-    assert any("91 captioned images in no split list" in m for m in messages)
-    return records
+    assert any("kept 91 captioned images in no split list" in m for m in messages)
+    assert len(everything) == 8091 and sum(r.split == "" for r in everything) == 91
+    return [r for r in everything if r.split]
 
 
 def test_real_flickr8k_split_sizes(real_flickr8k):
@@ -443,9 +450,9 @@ def test_real_karpathy_agrees_with_flickr8k(real_flickr8k, flickr8k_root):
 
 
 def test_real_kaggle_agrees_with_flickr8k(real_flickr8k, flickr8k_root):
-    with pytest.warns(DatasetWarning, match="91 captioned images in no split list"):
+    with pytest.warns(DatasetWarning, match="kept 91 captioned images in no split list"):
         kaggle = read_dataset("flickr8k-kaggle", flickr8k_root)
-    assert kaggle == real_flickr8k
+    assert [r for r in kaggle if r.split] == real_flickr8k
 
 
 def test_real_flickr8k_one_split(flickr8k_root):

@@ -302,17 +302,18 @@ def _assemble(
               f"{_examples(bogus)}")
     unlisted = [name for name in captions
                 if split_of is not None and name not in split_of and name not in _BOGUS_KEYS]
-    if unlisted:
-        _warn(f"{source}: skipped {_count(unlisted, 'captioned image')} in no split list: "
+    if unlisted and splits is None:
+        # Asked for everything (e.g. `captioner features`): keep them, with no split.
+        _warn(f"{source}: kept {_count(unlisted, 'captioned image')} in no split list with no split: "
               f"{_examples(unlisted)}")
     if split_of is not None:
         uncaptioned = sorted(set(split_of) - set(captions))
         if uncaptioned:
             raise DatasetError(f"{source}: {_count(uncaptioned, 'image')} in the split lists "
                                f"have no captions: {_examples(uncaptioned)}")
-    dropped = {*bogus, *unlisted}
+    dropped = set(bogus)
     records = [Record(name, image_dir / name, tuple(caps),
-                      split_of[name] if split_of is not None else "")
+                      split_of.get(name, "") if split_of is not None else "")
                for name, caps in captions.items() if name not in dropped]
     return _finish(records, source, splits, skip_missing)
 
