@@ -4,8 +4,8 @@ Training, feature caching and evaluation only ever see `Record`s, so supporting 
 means writing one reader here. The readers are strict on purpose: a malformed line, an empty
 caption, a duplicate in a split list or a caption for a missing image stops the run with
 `DatasetError` naming the file (and line) instead of quietly training on something else.
-What a reader drops on purpose (Flickr8k's bogus key, captioned images in no split list,
-missing images under `skip_missing=True`) is counted in a `DatasetWarning`.
+What a reader drops or keeps on purpose (Flickr8k's bogus key, missing images under
+`skip_missing=True`, captioned images in no split list) is counted in a `DatasetWarning`.
 
 Layouts are described in data/README.md.
 """
@@ -65,8 +65,10 @@ def read_flickr8k(
 ) -> list[Record]:
     """Flickr8k as published: Flickr8k.token.txt plus the three official split lists.
 
-    Captioned images that are in no split list (91 in the real data, plus the bogus key) are
-    dropped with a counted warning, so the result is exactly the 6000/1000/1000 split.
+    The bogus key is dropped with a counted warning. Captioned images that are in no split
+    list (91 in the real data) are kept with split "" when every split is asked for (so
+    `captioner features` covers all 8,091 images) and filtered out when splits are named,
+    so `splits=["train", "dev", "test"]` is exactly the 6000/1000/1000 split.
     """
     root = _require_dir(root, "Flickr8k")
     tokens = _require_file(root / FLICKR8K_TOKENS,
