@@ -35,6 +35,10 @@ def test_round_trip(tmp_path):
     for k, v in model.decoder_state.items():
         assert torch.equal(loaded.decoder_state[k], v)
     assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # ordinary permissions, not mkstemp's 0600
 
 
 def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
