@@ -471,7 +471,8 @@ def take_screenshot(captioner: Captioner, out: str | os.PathLike[str], image: st
     server.service.warm_up()
     with serving(server) as url, chromium_page() as page:
         caption = caption_in_page(page, url, image)
-        page.click("#next")  # show the second word's heatmap: the stepping is visible
+        if page.is_visible("#next"):  # attention models: show the second word's heatmap
+            page.click("#next")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(out), full_page=True)
     return caption
