@@ -28,7 +28,7 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-length", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=1, help="timed rounds (interleaved); median reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (interleaved); median reported")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
     add_threads_option(p)

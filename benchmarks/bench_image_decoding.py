@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
         "sizes": {"large_images": len(large), "large_size": [width, height], "jpeg_quality": args.quality,
                   "large_mean_mb": round(mean_bytes / 2**20, 2), "large_decoded_with_draft_to": list(drafted),
                   "small_images": len(small), "small_size": [224, 224], "output_tensor": list(shape),
-                  "repeats": args.repeats, "warmup": args.warmup, "threads": "1 (one image at a time)"},
+                  "repeats": args.repeats, "warmup": args.warmup, "python_threads": "1 (one image at a time, in the calling thread)"},
         "images_per_s": {"large_with_draft": ips["large_draft"], "large_without_draft": ips["large_no_draft"],
                          "small_224": ips["small_224"],
                          "large_with_draft_decode_only": ips["large_draft_decode_only"],
