@@ -157,13 +157,9 @@ def _check_caption_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     """Usage errors exit 2 (argparse's convention), before any model is loaded."""
     if args.command != "caption":
         return
-    for name in ("beam_size", "n_best", "max_length", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    # Single-option ranges are the argparse types' job; this checks options against each other.
     if not args.sample and args.n_best > args.beam_size:
         parser.error(f"--n-best {args.n_best} needs --beam-size >= {args.n_best}")
-    if args.temperature <= 0 or args.top_k < 0:
-        parser.error("--temperature must be positive and --top-k non-negative")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
