@@ -95,7 +95,8 @@ def test_lite0_body_matches_the_package_extract_features(lite0):
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         expected = net.extract_features(x).flatten(2).transpose(1, 2)
-        torch.testing.assert_close(lite0(x).grid, expected)
+        # Our body runs channels_last (NHWC): the same maths in another summation order.
+        torch.testing.assert_close(lite0(x).grid, expected, atol=1e-4, rtol=1e-3)
 
 
 def test_grid_follows_input_size(lite0):

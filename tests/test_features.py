@@ -90,6 +90,21 @@ def test_round_trip_matches_the_encoder(images, reference):
         cache.index_of("nope.jpg")
 
 
+def test_grid_reads_equal_the_memmap_in_any_order_and_after_pickling(reference):
+    """get() reads grid rows with preadv (no pages mapped into the process); same values."""
+    import pickle
+
+    cache = FeatureCache.open(reference)
+    rows = [7, 0, 7, N_IMAGES - 1, 3]
+    expected = torch.from_numpy(np.asarray(cache.grid_array[rows], dtype=np.float32))
+    torch.testing.assert_close(cache.get(rows).grid, expected, rtol=0, atol=0)
+    clone = pickle.loads(pickle.dumps(cache))  # what a spawned DataLoader worker gets
+    torch.testing.assert_close(clone.get(rows).grid, expected, rtol=0, atol=0)
+    assert cache.get([]).grid.shape == (0, 16, 16)
+    with pytest.raises(IndexError, match="out of"):
+        cache.get([N_IMAGES])
+
+
 def test_cache_is_a_read_only_memmap(reference):
     cache = FeatureCache.open(reference)
     for array in (cache.grid_array, cache.pooled_array):

@@ -173,6 +173,8 @@ class FeatureCache:
         self.grid_array = np.memmap(directory / GRID_FILE, DTYPE, mode="r", shape=tuple(index["grid_shape"]))
         self.pooled_array = np.memmap(directory / POOLED_FILE, DTYPE, mode="r", shape=tuple(index["pooled_shape"]))
         self._rows = {image_id: i for i, image_id in enumerate(index["image_ids"])}
+        self._fd: int | None = None  # grid file descriptor for preadv, opened on first read
+        self._fd_pid: int | None = None
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], expected_fingerprint: str | None = None) -> FeatureCache:
@@ -223,7 +225,7 @@ class FeatureCache:
 
     def grid(self, i: int) -> Tensor:
         """[L, C] float32."""
-        return torch.from_numpy(self.grid_array[i].astype(np.float32))
+        return self.get([i]).grid[0]
 
     def pooled(self, i: int) -> Tensor:
         """[C] float32."""
@@ -231,10 +233,44 @@ class FeatureCache:
 
     def get(self, indices: Sequence[int] | np.ndarray | Tensor, grid: bool = True) -> Features:
         """Rows `indices` as float32 Features([B, L, C] or None, [B, C]); reads only those rows."""
-        rows = np.asarray(indices, dtype=np.int64)
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
         pooled = torch.from_numpy(self.pooled_array[rows].astype(np.float32))
-        grids = torch.from_numpy(self.grid_array[rows].astype(np.float32)) if grid else None
+        grids = torch.from_numpy(self._read_grid_rows(rows).astype(np.float32)) if grid else None
         return Features(grid=grids, pooled=pooled)
+
+    def _read_grid_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Grid rows with positional reads (os.preadv) into one buffer.
+
+        Reading through the memmap would map every touched page into this process: on a
+        COCO-sized cache an epoch touches all 15 GB and the pages count toward RSS (and toward
+        a container's memory limit). preadv copies the rows and leaves the file pages in the
+        kernel's page cache, which is reclaimable; it is also faster than fancy-indexing a
+        memmap (no page-fault per 4 KiB page). The descriptor is opened lazily, so a cache
+        pickled into DataLoader workers opens its own.
+        """
+        out = np.empty((len(rows), *self.grid_array.shape[1:]), DTYPE)
+        row_bytes = out[0].nbytes if len(rows) else 0
+        fd = self._grid_fd()
+        for k, row in enumerate(rows):
+            if not 0 <= row < self.grid_array.shape[0]:
+                raise IndexError(f"row {row} out of range for the feature cache {self.directory}")
+            view = memoryview(out[k]).cast("B")
+            if os.preadv(fd, [view], int(row) * row_bytes) != row_bytes:
+                raise StaleCacheError(f"{self.directory / GRID_FILE}: short read at row {row} (truncated?)")
+        return out
+
+    def _grid_fd(self) -> int:
+        if self._fd is None or self._fd_pid != os.getpid():
+            self._fd = os.open(self.directory / GRID_FILE, os.O_RDONLY)
+            self._fd_pid = os.getpid()
+        return self._fd
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fd": None, "_fd_pid": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
 
 
 # ------------------------------------------------------------------------------ extraction

