@@ -139,6 +139,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output")
 
 
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ensemble", help="combine model files into one ensemble model file")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model files (.safetensors), two or more")
+    p.add_argument("--output", "-o", required=True, help="the ensemble model file to write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="CNN+RNN image captioning")
     from captioner import __version__
@@ -150,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_features(sub)
     _add_export(sub)
+    _add_ensemble(sub)
     return parser
 
 
@@ -175,6 +182,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from captioner.commands import export
         return export(args)
+    if args.command == "ensemble":
+        from captioner.commands import ensemble
+        return ensemble(args)
     raise AssertionError(args.command)
 
 

@@ -1,4 +1,4 @@
-"""The library side of `captioner caption | evaluate | export`; cli.py only parses.
+"""The library side of `captioner caption | evaluate | export | ensemble`; cli.py only parses.
 
 Each command reports per-file problems as `captioner: error: PATH: reason` and keeps going;
 the exit status is 1 if anything failed.
@@ -131,4 +131,17 @@ def export(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         raise CaptionerError(f"{args.checkpoint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     print(f"captioner: wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def ensemble(args: argparse.Namespace) -> int:
+    from captioner.modelfile import ModelFileError, combine_models, load_model, save_model
+    if len(args.models) < 2:
+        raise CaptionerError("ensemble: give at least two model files")
+    try:
+        combined = combine_models([load_model(path) for path in args.models], names=list(args.models))
+        save_model(args.output, combined)
+    except (ModelFileError, OSError) as exc:
+        raise CaptionerError(str(exc)) from None
+    print(f"captioner: wrote {args.output} ({len(combined.members)} decoders)", file=sys.stderr)
     return 0

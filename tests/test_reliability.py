@@ -551,4 +551,4 @@ def test_broken_model_file_through_the_cli(tmp_path, corpus, tiny_model_file):
     assert_no_traceback(proc)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        f"{ERROR}{path}: model format version '99' is not supported (this captioner reads version 1)"]
+        f"{ERROR}{path}: model format version '99' is not supported (this captioner reads versions 1, 2)"]

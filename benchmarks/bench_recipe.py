@@ -1,0 +1,140 @@
+"""The whole Flickr8k recipe, end to end, in one measured run: `captioner features` for every
+Flickr8k image into a fresh cache, then `captioner train` with a shipped config (its own run
+directory and that fresh cache; nothing else changed) until the config's early stopping ends
+it. Reported: feature-extraction time, time from the start of training to the best dev
+BLEU-4 checkpoint (the model the run exports), the total, and the 30-minute budget.
+
+The "baseline" here is the budget itself (issue 6: the whole recipe in under 30 minutes on
+a 2-core CPU); the ratio is recipe time / budget. Takes about half an hour: run it on a
+quiet machine, nothing else training.
+
+    python benchmarks/bench_recipe.py [--config configs/flickr8k-gru.yaml] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, captioner_env, emit, flickr8k_root, machine  # noqa: E402
+
+BUDGET_S = 30 * 60
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "configs" / "flickr8k-gru.yaml"))
+    p.add_argument("--workdir", default=None,
+                   help="where the cache and run go (default: a temporary directory, removed after)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="override the config's trainer.max_epochs (smoke runs)")
+    p.add_argument("--limit-batches", type=float, default=None,
+                   help="trainer.limit_train_batches and limit_val_batches (smoke runs)")
+    p.add_argument("--feature-batch-size", type=int, default=64)
+    p.add_argument("--feature-workers", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def retarget(value, old: str, new: str):
+    """Every string in a parsed YAML config with the run directory `old` swapped for `new`."""
+    if isinstance(value, dict):
+        return {k: retarget(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [retarget(v, old, new) for v in value]
+    if isinstance(value, str) and value.startswith(old):
+        return new + value[len(old):]
+    return value
+
+
+def recipe_config(args, workdir: Path, cache: Path) -> Path:
+    config = yaml.safe_load(Path(args.config).read_text())
+    run_dir = workdir / "run"
+    config = retarget(config, config["trainer"]["default_root_dir"], str(run_dir))
+    config["data"]["feature_cache"] = str(cache)
+    config["data"]["data_root"] = str(flickr8k_root())
+    config["trainer"]["enable_progress_bar"] = False
+    if args.max_epochs is not None:
+        config["trainer"]["max_epochs"] = args.max_epochs
+    if args.limit_batches is not None:
+        config["trainer"]["limit_train_batches"] = args.limit_batches
+        config["trainer"]["limit_val_batches"] = args.limit_batches
+    path = workdir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_step(name: str, argv: list[str]) -> float:
+    """Run one `captioner` command; its seconds. Its output goes to stderr (progress, errors)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "captioner", *argv], cwd=REPO, env=captioner_env(),
+                          stdout=sys.stderr, stderr=sys.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmarks: recipe step {name} failed (exit {proc.returncode})")
+    return time.perf_counter() - start
+
+
+def val_history(run_dir: Path) -> list[tuple[int, float]]:
+    """(epoch, val/bleu4) rows of the run's CSV log."""
+    rows = []
+    for metrics in sorted(run_dir.rglob("metrics.csv")):
+        with open(metrics, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("val/bleu4"):
+                    rows.append((int(row["epoch"]), float(row["val/bleu4"])))
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    made_tmp = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="captioner-recipe-")) if made_tmp else Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache = workdir / "cache"
+    if cache.exists():
+        raise SystemExit(f"benchmarks: {cache} exists; the recipe times a fresh cache (use a new --workdir)")
+    try:
+        features_s = run_step("features", [
+            "features", "--dataset", "flickr8k", "--data-root", str(flickr8k_root()), "--out", str(cache),
+            "--batch-size", str(args.feature_batch_size), "--workers", str(args.feature_workers)])
+        config = recipe_config(args, workdir, cache)
+        train_started = time.time()
+        train_s = run_step("train", ["train", "--config", str(config)])
+        best = sorted((workdir / "run").rglob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not best:
+            raise SystemExit("benchmarks: the training run saved no best checkpoint")
+        to_best_s = best[-1].stat().st_mtime - train_started
+        history = val_history(workdir / "run")
+        best_epoch, best_bleu4 = max(history, key=lambda row: row[1]) if history else (None, None)
+        index = json.loads((cache / "index.json").read_text())
+        recipe_s = features_s + to_best_s
+        return emit({
+            "benchmark": "recipe",
+            "config": args.config,
+            "features": {"images": index["done"], "seconds": round(features_s, 1),
+                         "images_per_s": round(index["done"] / features_s, 2)},
+            "training": {"seconds_to_best": round(to_best_s, 1), "seconds_total": round(train_s, 1),
+                         "epochs_run": len(history), "best_epoch": best_epoch,
+                         "best_dev_bleu4_greedy": best_bleu4,
+                         "dev_bleu4_by_epoch": [round(b, 4) for _, b in history]},
+            "recipe_seconds_to_best": round(recipe_s, 1),
+            "budget_seconds": BUDGET_S,
+            "ratio_to_budget": round(recipe_s / BUDGET_S, 3),
+            "target_met": recipe_s < BUDGET_S,
+            "machine": machine(),
+        })
+    finally:
+        if made_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
