@@ -35,6 +35,8 @@ def parse(argv):
     p.add_argument("--config", default=str(REPO / "configs" / "flickr8k-gru.yaml"))
     p.add_argument("--workdir", default=None,
                    help="where the cache and run go (default: a temporary directory, removed after)")
+    p.add_argument("--dataset", default="flickr8k", help="dataset reader (a tiny `folder` set in the smoke test)")
+    p.add_argument("--data-root", default=None, help="default: $CAPTIONER_DATA/flickr8k")
     p.add_argument("--max-epochs", type=int, default=None,
                    help="override the config's trainer.max_epochs (smoke runs)")
     p.add_argument("--limit-batches", type=float, default=None,
@@ -60,7 +62,8 @@ def recipe_config(args, workdir: Path, cache: Path) -> Path:
     run_dir = workdir / "run"
     config = retarget(config, config["trainer"]["default_root_dir"], str(run_dir))
     config["data"]["feature_cache"] = str(cache)
-    config["data"]["data_root"] = str(flickr8k_root())
+    config["data"]["dataset"] = args.dataset
+    config["data"]["data_root"] = str(args.data_root)
     config["trainer"]["enable_progress_bar"] = False
     if args.max_epochs is not None:
         config["trainer"]["max_epochs"] = args.max_epochs
@@ -73,13 +76,21 @@ def recipe_config(args, workdir: Path, cache: Path) -> Path:
 
 
 def run_step(name: str, argv: list[str]) -> float:
-    """Run one `captioner` command; its seconds. Its output goes to stderr (progress, errors)."""
+    """Run one `captioner` command; its seconds. Its output goes to stderr (progress, errors):
+    streamed when stderr is a real file, else (pytest's capture) relayed when it ends."""
+    try:
+        sink, stream = sys.stderr.fileno(), True
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        sink, stream = subprocess.PIPE, False
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "captioner", *argv], cwd=REPO, env=captioner_env(),
-                          stdout=sys.stderr, stderr=sys.stderr)
+                          stdout=sink, stderr=sink if stream else subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - start
+    if not stream:
+        sys.stderr.write(proc.stdout or "")
     if proc.returncode != 0:
         raise SystemExit(f"benchmarks: recipe step {name} failed (exit {proc.returncode})")
-    return time.perf_counter() - start
+    return seconds
 
 
 def val_history(run_dir: Path) -> list[tuple[int, float]]:
@@ -95,6 +106,7 @@ def val_history(run_dir: Path) -> list[tuple[int, float]]:
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    args.data_root = args.data_root or flickr8k_root()
     made_tmp = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="captioner-recipe-")) if made_tmp else Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +115,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"benchmarks: {cache} exists; the recipe times a fresh cache (use a new --workdir)")
     try:
         features_s = run_step("features", [
-            "features", "--dataset", "flickr8k", "--data-root", str(flickr8k_root()), "--out", str(cache),
+            "features", "--dataset", args.dataset, "--data-root", str(args.data_root), "--out", str(cache),
             "--batch-size", str(args.feature_batch_size), "--workers", str(args.feature_workers)])
         config = recipe_config(args, workdir, cache)
         train_started = time.time()
@@ -119,6 +131,8 @@ def main(argv=None) -> dict:
         return emit({
             "benchmark": "recipe",
             "config": args.config,
+            "sizes": {"dataset": args.dataset, "images": index["done"], "max_epochs": args.max_epochs,
+                      "limit_batches": args.limit_batches},
             "features": {"images": index["done"], "seconds": round(features_s, 1),
                          "images_per_s": round(index["done"] / features_s, 2)},
             "training": {"seconds_to_best": round(to_best_s, 1), "seconds_total": round(train_s, 1),

@@ -157,3 +157,39 @@ def test_memory(tiny_models, tiny_cache, tmp_path, capsys):
     assert cache["cache_bytes"] == 1000 * (49 * 1280 + 1280) * 2 and cache["cleaned_up"] is True
     assert out["parts"]["train"]["steps"] == 2 and out["parts"]["caption"]["captioned"] == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe(tmp_path, capsys):
+    """The whole-recipe benchmark on a generated 12-image folder dataset, one epoch."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(data / f"im{i}.jpg")
+        caption = ["a dog runs on the grass", "a man rides a red bike"][i % 2]
+        lines.append(json.dumps({"image": f"im{i}.jpg", "captions": [caption] * 5,
+                                 "split": "train" if i < 9 else "dev"}))
+    (data / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    out = run("recipe", ["--dataset", "folder", "--data-root", data, "--workdir", tmp_path / "work",
+                         "--max-epochs", 1, "--feature-workers", 0, "--feature-batch-size", 4], capsys)
+    assert out["features"]["images"] == 12 and out["features"]["seconds"] > 0
+    assert out["training"]["epochs_run"] == 1 and out["training"]["best_epoch"] == 0
+    assert out["recipe_seconds_to_best"] > out["features"]["seconds"]
+    assert isinstance(out["target_met"], bool) and out["budget_seconds"] == 1800
+    with pytest.raises(SystemExit, match="exists"):  # never reuses (or clobbers) a cache
+        load("recipe").main(["--dataset", "folder", "--data-root", str(data), "--workdir", str(tmp_path / "work")])
+
+
+def test_profile_caption(tiny_models, flickr8k_root, capsys):
+    spec = importlib.util.spec_from_file_location("profile_caption", BENCH / "profile_caption.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--model", str(tiny_models["plain"]), "--images", "2", "--batch-size", "2", "--top", "3"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    shares = result["stage_share_of_wall"]
+    assert set(shares) == {"encoder", "search", "decode_preprocess_and_rest"}
+    assert 0 < shares["encoder"] < 1 and len(result["top_ops_self_cpu"]) == 3
