@@ -279,7 +279,7 @@ def test_train_missing_config_file_is_a_usage_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err.splitlines()[-1]
 
 
-@pytest.mark.parametrize("problem", ["no such directory", "empty caption", "corrupt image"])
+@pytest.mark.parametrize("problem", ["no such directory", "empty caption", "corrupt image", "cache of other images"])
 def test_train_dataset_problem_is_one_error_line(tmp_path, capsys, problem):
     from captioner.cli import main
 
@@ -291,6 +291,12 @@ def test_train_dataset_problem_is_one_error_line(tmp_path, capsys, problem):
     elif problem == "corrupt image":
         data = folder_dataset(tmp_path / "data", images=2, corrupt=1)
         expected = f"{ERROR}1 of 3 images could not be read: {data / 'img02.png'}: "
+    elif problem == "cache of other images":  # a complete cache of 2 images; the data has 3
+        small = folder_dataset(tmp_path / "small", images=2)
+        assert main(["features", "--dataset", "folder", "--data-root", str(small), "--out",
+                     str(tmp_path / "cache"), "--workers", "0"]) == 0
+        data = folder_dataset(tmp_path / "data", images=3)
+        expected = f"{ERROR}{tmp_path / 'cache'}: this feature cache (2 images) lacks 1 of the 3 images needed"
     config = tmp_path / "train.yaml"
     config.write_text(TRAIN_YAML.format(root=tmp_path, data=data))
     assert main(["train", "--config", str(config)]) == 1

@@ -276,6 +276,20 @@ def test_ensure_cache_reuses_a_superset_cache(images, reference, tmp_path, monke
     assert cache.image_ids == ids_of(outside)
 
 
+def test_ensure_cache_never_overwrites_a_cache_of_other_images(images, reference, tmp_path, monkeypatch):
+    """A complete cache that lacks some of the images is someone's cache of another set:
+    refused with a one-line reason, its bytes untouched."""
+    import captioner.model.encoders as encoders
+
+    monkeypatch.setattr(encoders, "build_encoder", lambda name, pretrained=True: tiny_encoder())
+    partial = tmp_path / "partial"
+    extract(images[:4], partial)
+    before = {f.name: f.read_bytes() for f in partial.iterdir()}
+    with pytest.raises(StaleCacheError, match=r"lacks 2 of the 6 images needed .*not overwriting it"):
+        ensure_cache(partial, "tiny", images[:6], ids_of(images[:6]), workers=0, progress=False)
+    assert {f.name: f.read_bytes() for f in partial.iterdir()} == before
+
+
 # ------------------------------------------------------------------------------------- CLI
 
 

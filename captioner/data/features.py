@@ -563,8 +563,10 @@ def ensure_cache(
 
     An existing complete cache of the same encoder weights and preprocessing is used as is
     when it covers all the ids, even if it holds more (e.g. all splits, built by `captioner
-    features`) or orders them differently: rows are looked up by id. Otherwise the cache is
-    (re)built for exactly these images.
+    features`) or orders them differently: rows are looked up by id. A complete cache of the
+    same encoder that lacks some of the ids is someone's cache of other images: it is refused
+    (StaleCacheError), never overwritten. Anything else (no cache, an interrupted one, other
+    encoder weights, damaged files) is built or resumed for exactly these images.
     """
     from captioner.model.encoders import build_encoder
 
@@ -585,11 +587,22 @@ def ensure_cache(
 
 
 def _covering_cache(directory: Path, encoder_fp: str, image_ids: Sequence[str]) -> FeatureCache | None:
-    """The complete cache in `directory` if it has this encoder's features of every id."""
+    """The complete cache in `directory` if it has this encoder's features of every id; None
+    if there is no usable cache there; StaleCacheError if a complete one of this encoder
+    lacks some ids (rebuilding it for these ids would throw its other rows away)."""
     try:
         cache = FeatureCache.open(directory)
     except StaleCacheError:
         return None
+    if cache.index["encoder_fingerprint"] != encoder_fp:
+        return None
+    missing = [i for i in image_ids if i not in cache]
+    if missing:
+        raise StaleCacheError(
+            f"{directory}: this feature cache ({len(cache)} images) lacks {len(missing)} of the "
+            f"{len(image_ids)} images needed (e.g. {missing[0]}); not overwriting it: use another "
+            "directory, or delete it to rebuild")
+    return cache
     if cache.index["encoder_fingerprint"] == encoder_fp and all(i in cache for i in image_ids):
         return cache
     return None
