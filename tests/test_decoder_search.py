@@ -28,9 +28,10 @@ def padded_batch(vocab=40):
     return caps, lengths
 
 
+@pytest.mark.parametrize("layers", [1, 2])  # one layer: steps run torch.*_cell on the module's weights
 @pytest.mark.parametrize("cell,attention", CONFIGS)
-def test_teacher_forcing_equals_step_by_step(cell, attention):
-    dec, mem = make(cell, attention, layers=2)
+def test_teacher_forcing_equals_step_by_step(cell, attention, layers):
+    dec, mem = make(cell, attention, layers=layers)
     caps, lengths = padded_batch()
     logits, targets, alphas = dec(mem, caps, lengths)
     state, outs = dec.init_state(mem), []

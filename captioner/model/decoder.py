@@ -16,6 +16,10 @@ import torch
 from torch import Tensor, nn
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+# One time step of a one-layer cell, on the nn.RNN module's own weights. Calling the sequence
+# module on a length-1 sequence costs 2x more for an LSTM forward+backward on CPU (oneDNN's
+# sequence kernel set-up); attention training and every search step take this path.
+CELL_STEPS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}
 
 
 @dataclass
@@ -124,10 +128,22 @@ class CaptionDecoder(nn.Module):
         if self.attention is not None:
             context, alpha = self.attention(memory.grid, memory.grid_proj, state[0][-1])
             embedded = torch.cat([embedded, context], dim=1)
+        if self.config.num_layers == 1:
+            return (*self._one_layer_step(embedded, state), alpha)
         rnn_state = state[0] if len(state) == 1 else state
         out, rnn_state = self.rnn(embedded.unsqueeze(1), rnn_state)
         state = (rnn_state,) if isinstance(rnn_state, Tensor) else tuple(rnn_state)
         return out.squeeze(1), state, alpha
+
+    def _one_layer_step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        # x [B,in], state tensors [1,B,H] -> h [B,H], new state; same maths as self.rnn
+        rnn = self.rnn
+        weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        if self.config.cell == "lstm":
+            h, c = torch.lstm_cell(x, (state[0][0], state[1][0]), *weights)
+            return h, (h.unsqueeze(0), c.unsqueeze(0))
+        h = CELL_STEPS[self.config.cell](x, state[0][0], *weights)
+        return h, (h.unsqueeze(0),)
 
     # ---- training --------------------------------------------------------------------------
     def forward(self, memory: Memory, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
