@@ -33,7 +33,8 @@ def test_features(shipped, flickr8k_root):
 def test_metadata_records_recipe_and_scores(shipped):
     model = shipped.model
     assert model.encoder["name"] == "efficientnet-lite0"
-    assert model.training.get("datamodule", {}).get("dataset") == "flickr8k"
+    for member in model.training.get("ensemble_of", [model.training]):  # each decoder's recipe
+        assert member.get("datamodule", {}).get("dataset") == "flickr8k"
     assert "test" in model.scores and "bleu4" in model.scores["test"]["beam3"]
 
 

@@ -104,6 +104,8 @@ def test_members_must_share_vocabulary_and_feature_size():
         EnsembleDecoder([decoder(), other])
     with pytest.raises(ValueError, match="at least two"):
         EnsembleConfig((decoder().config,))
+    config = EnsembleDecoder([decoder(), decoder("lstm", seed=1)]).config
+    assert [m["cell"] for m in config.to_dict()["ensemble"]] == ["gru", "lstm"]
 
 
 def test_ensemble_file_round_trip_captions_identically(tmp_path):

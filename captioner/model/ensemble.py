@@ -36,6 +36,9 @@ class EnsembleConfig:
                 raise ValueError("ensemble members must share vocabulary size and feature dimension, got "
                                  f"{(first.vocab_size, first.feature_dim)} and {(other.vocab_size, other.feature_dim)}")
 
+    def to_dict(self) -> dict:
+        return {"ensemble": [m.to_dict() for m in self.members]}
+
     @property
     def vocab_size(self) -> int:
         return self.members[0].vocab_size
