@@ -95,12 +95,13 @@ class Captioner:
         return cls(load_model(path), device, source=str(path))
 
     # ---- captioning ------------------------------------------------------------------------
-    def caption(self, images: ImageInput | Sequence[ImageInput], *, beam_size: int = 3, n_best: int = 1,
-                max_length: int = 30, length_penalty: float = 0.0, sample: bool = False,
+    def caption(self, images: ImageInput | Sequence[ImageInput], *, beam_size: int | None = None, n_best: int = 1,
+                max_length: int = 30, length_penalty: float | None = None, sample: bool = False,
                 temperature: float = 1.0, top_k: int = 0, seed: int | None = None, batch_size: int = 16,
                 return_attention: bool = False, workers: int | None = None) -> list[CaptionResult]:
         """Caption images (paths or PIL images). A bad file gives a result with `.error` set;
-        the others are captioned as usual."""
+        the others are captioned as usual. `beam_size` / `length_penalty` left at None use the
+        model's dev-tuned settings (`search_defaults`)."""
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
         return list(self.iter_captions(images, beam_size=beam_size, n_best=n_best, max_length=max_length,
@@ -141,8 +142,8 @@ class Captioner:
             item, draft_size=self.preprocessing.draft_size)
         return self.transform(image)
 
-    def _caption_prepared(self, names, tensors, errors, generator, *, beam_size=3, n_best=1, max_length=30,
-                          length_penalty=0.0, sample=False, temperature=1.0, top_k=0, seed=None,
+    def _caption_prepared(self, names, tensors, errors, generator, *, beam_size=None, n_best=1, max_length=30,
+                          length_penalty=None, sample=False, temperature=1.0, top_k=0, seed=None,
                           return_attention=False) -> Iterator[CaptionResult]:
         good = [i for i, t in enumerate(tensors) if t is not None]
         results: dict[int, CaptionResult] = {}
@@ -159,11 +160,20 @@ class Captioner:
         for i, name in enumerate(names):
             yield results.get(i) or CaptionResult(image=name, error=errors[i])
 
-    def decode_features(self, grid: torch.Tensor | None, pooled: torch.Tensor, *, beam_size: int = 3,
-                        n_best: int = 1, max_length: int = 30, length_penalty: float = 0.0, sample: bool = False,
-                        temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-                        return_attention: bool = False) -> SearchResult:
+    @property
+    def search_defaults(self) -> dict[str, float]:
+        """Beam size and length penalty used when a caller gives none: the model file's
+        `decoding` (chosen on dev when it was shipped), else beam 3 without a penalty."""
+        return {"beam_size": int(self.model.decoding.get("beam_size", 3)),
+                "length_penalty": float(self.model.decoding.get("length_penalty", 0.0))}
+
+    def decode_features(self, grid: torch.Tensor | None, pooled: torch.Tensor, *, beam_size: int | None = None,
+                        n_best: int = 1, max_length: int = 30, length_penalty: float | None = None,
+                        sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                        generator: torch.Generator | None = None, return_attention: bool = False) -> SearchResult:
         """Search from encoder features (also used by evaluation on a FeatureCache)."""
+        beam_size = self.search_defaults["beam_size"] if beam_size is None else beam_size
+        length_penalty = self.search_defaults["length_penalty"] if length_penalty is None else length_penalty
         if not sample and n_best > beam_size:
             raise ValueError(f"--n-best {n_best} needs --beam-size >= {n_best}")
         with torch.inference_mode():

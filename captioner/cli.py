@@ -87,10 +87,12 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption image files, directories or globs")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, directories or globs")
     p.add_argument("--model", default=None, help="model file (.safetensors); default: the shipped model")
-    p.add_argument("--beam-size", type=_positive_int, default=3)
+    p.add_argument("--beam-size", type=_positive_int, default=None,
+                   help="default: the model's dev-tuned beam size (3 if it has none)")
     p.add_argument("--n-best", type=_positive_int, default=1)
     p.add_argument("--max-length", type=_positive_int, default=30)
-    p.add_argument("--length-penalty", type=_finite_float, default=0.0, help="GNMT alpha; 0 = none")
+    p.add_argument("--length-penalty", type=_finite_float, default=None,
+                   help="GNMT alpha, 0 = none; default: the model's dev-tuned value (0 if it has none)")
     p.add_argument("--sample", action="store_true", help="sample instead of beam search")
     p.add_argument("--temperature", type=_positive_float, default=1.0)
     p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = no top-k cut")
@@ -108,8 +110,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="flickr8k | flickr8k-kaggle | karpathy | coco | folder")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="test", type=_split_name)
-    p.add_argument("--beam-size", type=_positive_int, default=3)
-    p.add_argument("--length-penalty", type=_finite_float, default=0.0)
+    p.add_argument("--beam-size", type=_positive_int, default=None, help="default: the model's")
+    p.add_argument("--length-penalty", type=_finite_float, default=None, help="default: the model's")
     p.add_argument("--max-length", type=_positive_int, default=30)
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N images")
@@ -165,7 +167,7 @@ def _check_caption_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.command != "caption":
         return
     # Single-option ranges are the argparse types' job; this checks options against each other.
-    if not args.sample and args.n_best > args.beam_size:
+    if not args.sample and args.beam_size is not None and args.n_best > args.beam_size:
         parser.error(f"--n-best {args.n_best} needs --beam-size >= {args.n_best}")
 
 

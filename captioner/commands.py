@@ -37,12 +37,16 @@ def caption(args: argparse.Namespace) -> int:
             raise CaptionerError(f"{args.attention_maps}: cannot create the attention map directory "
                                  f"({exc.strerror or exc})") from None
     captioner = _load_captioner(args.model, args.device)
+    beam_size = captioner.search_defaults["beam_size"] if args.beam_size is None else args.beam_size
+    if not args.sample and args.n_best > beam_size:
+        raise CaptionerError(f"--n-best {args.n_best} needs --beam-size >= {args.n_best} "
+                             f"(the model's beam size is {beam_size})")
     want_maps = args.attention_maps is not None
     if want_maps and not captioner.decoder.config.attention:
         error_line(f"{args.model or 'default model'}: has no attention; --attention-maps ignored")
         want_maps = False
     results = captioner.iter_captions(
-        images, beam_size=args.beam_size, n_best=args.n_best, max_length=args.max_length,
+        images, beam_size=beam_size, n_best=args.n_best, max_length=args.max_length,
         length_penalty=args.length_penalty, sample=args.sample, temperature=args.temperature,
         top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, return_attention=want_maps)
     _paths_as_bytes(sys.stdout)

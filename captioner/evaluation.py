@@ -10,16 +10,19 @@ from captioner.metrics import bleu_scores
 from captioner.modelfile import atomic_write_text
 
 
-def evaluate_model(model: str | None, dataset: str, data_root: str, split: str = "test", beam_size: int = 3,
-                   length_penalty: float = 0.0, max_length: int = 30, batch_size: int = 32,
+def evaluate_model(model: str | None, dataset: str, data_root: str, split: str = "test", beam_size: int | None = None,
+                   length_penalty: float | None = None, max_length: int = 30, batch_size: int = 32,
                    limit: int | None = None, features: str | None = None, device: str = "auto",
                    output: str | None = None, predictions: str | None = None,
                    captioner: Captioner | None = None) -> dict:
-    """BLEU of `model` on `split`; writes metrics / predictions atomically when asked."""
+    """BLEU of `model` on `split`; writes metrics / predictions atomically when asked.
+    `beam_size` / `length_penalty` None: the model's own search settings."""
     records = [r for r in read_dataset(dataset, data_root, splits=[split]) if r.split == split][:limit]
     if not records:
         raise DatasetError(f"{data_root}: no images in split {split!r}")
     captioner = captioner or Captioner.load(model, device=device)
+    beam_size = captioner.search_defaults["beam_size"] if beam_size is None else beam_size
+    length_penalty = captioner.search_defaults["length_penalty"] if length_penalty is None else length_penalty
     search = dict(beam_size=beam_size, length_penalty=length_penalty, max_length=max_length)
     if features:
         hyps = _captions_from_cache(captioner, features, [r.image_id for r in records], batch_size, search)

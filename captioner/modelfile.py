@@ -3,7 +3,9 @@
 Tensors: `decoder.*` (always) and `encoder.*` (only when the encoder was fine-tuned; a frozen
 encoder is rebuilt from its registry weights). Metadata (all JSON strings): `format`,
 `format_version`, `encoder` (name, preprocessing, fine-tuned flag), `decoder` (DecoderConfig),
-`vocabulary`, `training` (config, data, time), `scores`.
+`vocabulary`, `training` (config, data, time), `scores`, and optionally `decoding`: the
+search settings chosen on dev (`beam_size`, `length_penalty`) that captioning uses unless the
+caller says otherwise.
 
 Format version 2 adds ensembles: `ensemble` metadata (a list of the further members'
 DecoderConfigs) and their tensors `ensemble.<i>.*`; `decoder` stays the first member. A
@@ -15,6 +17,7 @@ crash never leaves a half-written model behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -49,6 +52,8 @@ class ModelFile:
     scores: dict[str, Any] = field(default_factory=dict)
     # Further decoders of an ensemble (config, weights); empty for a single decoder.
     ensemble: list[tuple[DecoderConfig, dict[str, torch.Tensor]]] = field(default_factory=list)
+    # Search settings tuned on dev ({"beam_size": int, "length_penalty": float}); {} = none.
+    decoding: dict[str, Any] = field(default_factory=dict)
 
     @property
     def members(self) -> list[tuple[DecoderConfig, dict[str, torch.Tensor]]]:
@@ -134,6 +139,8 @@ def save_model(path: str | os.PathLike, model: ModelFile) -> None:
     }
     if model.ensemble:
         metadata["ensemble"] = json.dumps([config.to_dict() for config, _ in model.ensemble])
+    if model.decoding:
+        metadata["decoding"] = json.dumps(model.decoding)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -170,6 +177,7 @@ def load_model(path: str | os.PathLike) -> ModelFile:
         encoder = json.loads(meta["encoder"])
         training = json.loads(meta.get("training", "{}"))
         scores = json.loads(meta.get("scores", "{}"))
+        decoding = _decoding(json.loads(meta.get("decoding", "{}")))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: damaged metadata ({_first_line(exc)})") from None
     decoder_state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
@@ -178,7 +186,7 @@ def load_model(path: str | os.PathLike) -> ModelFile:
         raise ModelFileError(f"{path}: damaged metadata (an ensemble in a version 1 file)")
     ensemble = [(c, {k[len(f"ensemble.{i}."):]: v for k, v in tensors.items() if k.startswith(f"ensemble.{i}.")})
                 for i, c in enumerate(ensemble_configs)]
-    model = ModelFile(decoder_state, config, vocab, encoder, encoder_state, training, scores, ensemble)
+    model = ModelFile(decoder_state, config, vocab, encoder, encoder_state, training, scores, ensemble, decoding)
     for i, (member_config, member_state) in enumerate(model.members):
         name = "decoder" if i == 0 else f"ensemble member {i}"
         if len(vocab) != member_config.vocab_size:
@@ -193,6 +201,18 @@ def load_model(path: str | os.PathLike) -> ModelFile:
     if stray:
         raise ModelFileError(f"{path}: unexpected tensors {stray[:3]}")
     return model
+
+
+def _decoding(data: Any) -> dict[str, Any]:
+    """Validated `decoding` metadata: only known keys, a beam size >= 1, a finite penalty."""
+    if not isinstance(data, dict) or set(data) - {"beam_size", "length_penalty"}:
+        raise ValueError(f"decoding must be {{beam_size, length_penalty}}, got {data!r}")
+    beam, alpha = data.get("beam_size", 1), data.get("length_penalty", 0.0)
+    if not isinstance(beam, int) or isinstance(beam, bool) or beam < 1:
+        raise ValueError(f"decoding beam_size must be an integer >= 1, got {beam!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"decoding length_penalty must be a finite number, got {alpha!r}")
+    return data
 
 
 def _check_decoder_weights(path: Path, name: str, config: DecoderConfig, state: dict[str, torch.Tensor]) -> None:

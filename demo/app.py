@@ -141,7 +141,7 @@ class CaptionService:
     def info(self) -> dict[str, Any]:
         """What the page shows about the model."""
         return {"model": Path(self.captioner.source).name or "(in memory)", "attention": self.attention,
-                "device": str(self.captioner.device)}
+                "device": str(self.captioner.device), **self.captioner.search_defaults}
 
     def warm_up(self) -> None:
         """Caption a blank image once, so the first visitor's timings are not the cold start's
@@ -150,7 +150,7 @@ class CaptionService:
         Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, format="PNG")
         self.caption(buffer.getvalue())
 
-    def caption(self, data: bytes, beam_size: int = 3, n_best: int = 1) -> dict[str, Any]:
+    def caption(self, data: bytes, beam_size: int | None = None, n_best: int = 1) -> dict[str, Any]:
         """Caption uploaded bytes; the JSON answer with timings in milliseconds."""
         c = self.captioner
         start = time.perf_counter()
@@ -166,6 +166,7 @@ class CaptionService:
             out = c.decode_features(features.grid, features.pooled, beam_size=beam_size, n_best=n_best,
                                     return_attention=self.attention)
             searched = time.perf_counter()
+        beam_size = c.search_defaults["beam_size"] if beam_size is None else beam_size
         result = c._result("upload", out, 0)
         done = time.perf_counter()
         return {
@@ -306,7 +307,8 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     def post_caption(self, path: str) -> None:
         query = parse_qs(urlsplit(self.path).query)
-        beam_size = int_param(query, "beam_size", 3, 1, MAX_BEAM)
+        default_beam = min(self.server.service.captioner.search_defaults["beam_size"], MAX_BEAM)
+        beam_size = int_param(query, "beam_size", default_beam, 1, MAX_BEAM)
         n_best = int_param(query, "n_best", 1, 1, beam_size)
         data = self.read_upload()
         self.send_json(HTTPStatus.OK, self.server.service.caption(data, beam_size=beam_size, n_best=n_best))

@@ -3,7 +3,10 @@ default model, with the scores written into its metadata.
 
     python scripts/ship_model.py runs/flickr8k-gru/model.safetensors \
         --data-root ../shared/datasets/flickr8k --features cache/flickr8k-lite0 \
-        [--length-penalty 0.0] [--out captioner/assets/default.safetensors]
+        [--length-penalty 0.0] [--decoding BEAM,ALPHA] [--out captioner/assets/default.safetensors]
+
+--decoding records the search settings chosen on dev (scripts/tune_decoding.py) in the model
+file, so `captioner caption` and the API use them by default.
 
 Prints one JSON object with every score. Dev is for choosing; test is reported once.
 """
@@ -25,6 +28,7 @@ def main() -> None:
     parser.add_argument("--features", default="cache/flickr8k-lite0")
     parser.add_argument("--length-penalty", type=float, default=0.0)
     parser.add_argument("--beams", default="1,3,5")
+    parser.add_argument("--decoding", default=None, help="BEAM,ALPHA chosen on dev: the model's defaults")
     parser.add_argument("--out", default=str(DEFAULT_MODEL))
     args = parser.parse_args()
     captioner = Captioner.load(args.model, device="cpu")
@@ -40,6 +44,9 @@ def main() -> None:
     scores["length_penalty"] = args.length_penalty
     model = captioner.model
     model.scores = {**model.scores, **scores}
+    if args.decoding:
+        beam, alpha = args.decoding.split(",")
+        model.decoding = {"beam_size": int(beam), "length_penalty": float(alpha)}
     save_model(args.out, model)
     print(json.dumps({"model": args.model, "out": args.out, "scores": scores}, indent=1))
 

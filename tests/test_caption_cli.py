@@ -98,3 +98,41 @@ def test_sampling_is_seeded(tiny_model_file):
     a = run_cli(str(DEMO[0]), "--model", str(tiny_model_file), "--sample", "--seed", "3", "--top-k", "5")
     b = run_cli(str(DEMO[0]), "--model", str(tiny_model_file), "--sample", "--seed", "3", "--top-k", "5")
     assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_model_decoding_settings_are_the_defaults(tiny_model_file, tmp_path):
+    """A model file may carry the beam size and length penalty chosen on dev: the API, the CLI
+    and evaluation use them unless told otherwise; explicit options still win."""
+    from captioner.modelfile import load_model, save_model
+
+    model = load_model(tiny_model_file)
+    model.decoding = {"beam_size": 4, "length_penalty": 0.7}
+    tuned = tmp_path / "tuned.safetensors"
+    save_model(tuned, model)
+    captioner = Captioner.load(tuned, device="cpu")
+    assert captioner.search_defaults == {"beam_size": 4, "length_penalty": 0.7}
+    assert Captioner.load(tiny_model_file, device="cpu").search_defaults == {"beam_size": 3, "length_penalty": 0.0}
+    implicit = captioner.caption(DEMO[:2], n_best=4)
+    explicit = captioner.caption(DEMO[:2], beam_size=4, length_penalty=0.7, n_best=4)
+    assert [r.alternatives for r in implicit] == [r.alternatives for r in explicit]
+    assert len(implicit[0].alternatives) == 4
+    proc = run_cli(str(DEMO[0]), "--model", str(tuned), "--n-best", "4", "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["caption"] == implicit[0].caption
+    too_many = run_cli(str(DEMO[0]), "--model", str(tuned), "--n-best", "5")
+    assert too_many.returncode == 1
+    assert too_many.stderr.strip() == "captioner: error: --n-best 5 needs --beam-size >= 5 (the model's beam size is 4)"
+
+
+def test_bad_decoding_metadata_is_refused(tiny_model_file, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tiny_model_file), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(tiny_model_file))
+    for bad in ('{"beam_size": 0}', '{"beam_size": 2.5}', '{"length_penalty": "x"}', '{"temperature": 2}', '[3]'):
+        path = tmp_path / "bad.safetensors"
+        save_file(tensors, str(path), metadata={**meta, "decoding": bad})
+        with pytest.raises(ModelFileError, match="damaged metadata"):
+            Captioner.load(path, device="cpu")

@@ -102,7 +102,7 @@ def test_page_and_health(server):
     status, _, health = call(server, "GET", "/healthz")
     assert status == 200
     assert health == {"status": "ok", "model": health["model"], "attention": True, "device": "cpu",
-                      "max_upload_bytes": LIMIT}
+                      "max_upload_bytes": LIMIT, "beam_size": 3, "length_penalty": 0.0}  # no tuned decoding
 
 
 # ----------------------------------------------------------------------------- good uploads

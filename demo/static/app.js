@@ -12,9 +12,10 @@ const TIMING_LABELS = [
 ];
 
 async function init() {
-  for (let k = 1; k <= 5; k++) $("beam").add(new Option(String(k), String(k), k === 3, k === 3));
+  let preferred = 3;
   try {
     const info = await (await fetch("/healthz")).json();
+    preferred = info.beam_size || 3;  // the model's dev-tuned beam size
     state.maxUpload = info.max_upload_bytes;
     $("model-info").textContent = `model ${info.model} on ${info.device}` +
       (info.attention ? " · attention: step through the words to see where it looked" : " · no attention");
@@ -22,6 +23,7 @@ async function init() {
   } catch (err) {
     showError(`cannot reach the demo server (${err.message})`);
   }
+  for (let k = 1; k <= 5; k++) $("beam").add(new Option(String(k), String(k), k === preferred, k === preferred));
   $("file").addEventListener("change", () => {
     const file = $("file").files[0];
     $("file").value = "";  // so choosing the same file again still counts as a change
