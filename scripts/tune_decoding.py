@@ -33,7 +33,7 @@ def main() -> None:
     captioner = Captioner.load(args.model, device="cpu")
     results = []
     for beam in (int(b) for b in floats(args.beams)):
-        for alpha in floats(args.alphas) if beam > 1 else [0.0]:  # one beam: the penalty changes nothing
+        for alpha in floats(args.alphas):  # even one beam: the penalty ranks finished vs open hypotheses
             m = evaluate_model(args.model, "flickr8k", args.data_root, split="dev", beam_size=beam,
                                length_penalty=alpha, features=args.features, captioner=captioner)
             row = {"beam": beam, "alpha": alpha, **{k: round(m[k], 4) for k in ("bleu1", "bleu2", "bleu3", "bleu4")}}

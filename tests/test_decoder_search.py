@@ -87,7 +87,7 @@ def test_beam_size_one_equals_greedy_argmax(cell, attention):
     ref = []
     for _ in range(12):
         logits, state, _ = dec.step(tok, state, mem)
-        logits[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
+        logits[:, [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = float("-inf")
         tok = logits.argmax(-1)
         ref.append(tok)
     ref = torch.stack(ref, 1)
@@ -151,3 +151,13 @@ def test_sampling_respects_top_k_seed_and_temperature():
     assert torch.equal(one.tokens[:, 0], gr.tokens[:, 0, :n])
     with pytest.raises(ValueError):
         sample(dec, mem, 10, temperature=0)
+
+
+def test_unknown_word_is_never_written():
+    """Even a decoder that loves <unk> (huge output bias) writes real words instead."""
+    dec, mem = make("gru", False)
+    with torch.no_grad():
+        dec.output.bias[Vocabulary.unk_id] = 100.0
+        for result in (greedy(dec, mem, 8), beam_search(dec, mem, beam_size=3, n_best=3, max_length=8),
+                       sample(dec, mem, 8, num_samples=3, generator=torch.Generator().manual_seed(0))):
+            assert not (result.tokens == Vocabulary.unk_id).any()

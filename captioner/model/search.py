@@ -70,6 +70,7 @@ def sample(decoder: CaptionDecoder, memory: Memory, max_length: int = 30, temper
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         scaled[:, Vocabulary.pad_id] = float("-inf")
         scaled[:, Vocabulary.start_id] = float("-inf")
+        scaled[:, Vocabulary.unk_id] = float("-inf")  # never write "<unk>" into a caption
         choice = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(1)
         choice = torch.where(done, torch.full_like(choice, Vocabulary.pad_id), choice)
         total += torch.where(done, 0.0, logp.gather(1, choice[:, None]).squeeze(1))
@@ -132,6 +133,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         step_logp = torch.log_softmax(logits.float(), dim=-1).view(b, k, vocab)
         step_logp[..., Vocabulary.pad_id] = neg_inf
         step_logp[..., Vocabulary.start_id] = neg_inf
+        step_logp[..., Vocabulary.unk_id] = neg_inf  # "<unk>" is not a word a caption may say
         cand_logp = (log_probs[..., None] + step_logp).view(b, k * vocab)
         penalty = length_penalty(torch.tensor(t + 1), alpha).item()
         top_logp, top_index = cand_logp.topk(min(2 * k, k * vocab), dim=1)   # [B,2K]
