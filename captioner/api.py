@@ -17,6 +17,7 @@ from PIL import Image
 
 from captioner.images import ImageLoadError, load_image, to_rgb
 from captioner.model.decoder import CaptionDecoder
+from captioner.model.ensemble import EnsembleDecoder
 from captioner.model.search import SearchResult, decode_batch
 from captioner.modelfile import ModelFile, ModelFileError, load_model
 from captioner.text import Vocabulary
@@ -81,7 +82,9 @@ class Captioner:
         if model.encoder_state is not None:
             self.encoder.load_state_dict(model.encoder_state)
         self.encoder.eval().to(self.device)
-        self.decoder: CaptionDecoder = model.build_decoder().to(self.device)
+        # Inference only: no parameter asks for gradients, so tensors made under
+        # inference_mode (the encoder's features) can flow through any decoder method.
+        self.decoder: CaptionDecoder | EnsembleDecoder = model.build_decoder().requires_grad_(False).to(self.device)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str = "auto") -> "Captioner":

@@ -140,7 +140,9 @@ def test_ddp_validation_bleu_equals_single_process(trained, flickr8k_root, tmp_p
     for devices in (1, 2):
         run = tmp_path / f"ddp{devices}"
         run.mkdir()
-        config = write_config(run, flickr8k_root, tmp / "cache", data__val_split="dev",
+        # its own cache: the training cache holds train images only, and a cache of other
+        # images is refused, never overwritten; the 1-process run builds it, the 2-process reuses it
+        config = write_config(run, flickr8k_root, tmp_path / "cache", data__val_split="dev",
                               data__val_limit=VAL_IMAGES)
         cfg = yaml.safe_load(config.read_text())
         cfg["trainer"]["callbacks"] = []
