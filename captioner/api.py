@@ -170,13 +170,18 @@ class Captioner:
         return {"beam_size": int(self.model.decoding.get("beam_size", 3)),
                 "length_penalty": float(self.model.decoding.get("length_penalty", 0.0))}
 
+    def search_settings(self, beam_size: int | None = None, length_penalty: float | None = None) -> tuple[int, float]:
+        """(beam size, length penalty): the given values, the model's defaults for those left None."""
+        defaults = self.search_defaults
+        return (defaults["beam_size"] if beam_size is None else beam_size,
+                defaults["length_penalty"] if length_penalty is None else length_penalty)
+
     def decode_features(self, grid: torch.Tensor | None, pooled: torch.Tensor, *, beam_size: int | None = None,
                         n_best: int = 1, max_length: int = 30, length_penalty: float | None = None,
                         sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                         generator: torch.Generator | None = None, return_attention: bool = False) -> SearchResult:
         """Search from encoder features (also used by evaluation on a FeatureCache)."""
-        beam_size = self.search_defaults["beam_size"] if beam_size is None else beam_size
-        length_penalty = self.search_defaults["length_penalty"] if length_penalty is None else length_penalty
+        beam_size, length_penalty = self.search_settings(beam_size, length_penalty)
         if not sample and n_best > beam_size:
             raise ValueError(f"--n-best {n_best} needs --beam-size >= {n_best}")
         with torch.inference_mode():

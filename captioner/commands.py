@@ -37,7 +37,7 @@ def caption(args: argparse.Namespace) -> int:
             raise CaptionerError(f"{args.attention_maps}: cannot create the attention map directory "
                                  f"({exc.strerror or exc})") from None
     captioner = _load_captioner(args.model, args.device)
-    beam_size = captioner.search_defaults["beam_size"] if args.beam_size is None else args.beam_size
+    beam_size, _ = captioner.search_settings(args.beam_size)
     if not args.sample and args.n_best > beam_size:
         raise CaptionerError(f"--n-best {args.n_best} needs --beam-size >= {args.n_best} "
                              f"(the model's beam size is {beam_size})")
@@ -140,8 +140,6 @@ def export(args: argparse.Namespace) -> int:
 
 def ensemble(args: argparse.Namespace) -> int:
     from captioner.modelfile import ModelFileError, combine_models, load_model, save_model
-    if len(args.models) < 2:
-        raise CaptionerError("ensemble: give at least two model files")
     try:
         combined = combine_models([load_model(path) for path in args.models], names=list(args.models))
         save_model(args.output, combined)

@@ -21,8 +21,7 @@ def evaluate_model(model: str | None, dataset: str, data_root: str, split: str =
     if not records:
         raise DatasetError(f"{data_root}: no images in split {split!r}")
     captioner = captioner or Captioner.load(model, device=device)
-    beam_size = captioner.search_defaults["beam_size"] if beam_size is None else beam_size
-    length_penalty = captioner.search_defaults["length_penalty"] if length_penalty is None else length_penalty
+    beam_size, length_penalty = captioner.search_settings(beam_size, length_penalty)
     search = dict(beam_size=beam_size, length_penalty=length_penalty, max_length=max_length)
     if features:
         hyps = _captions_from_cache(captioner, features, [r.image_id for r in records], batch_size, search)

@@ -166,7 +166,7 @@ class CaptionService:
             out = c.decode_features(features.grid, features.pooled, beam_size=beam_size, n_best=n_best,
                                     return_attention=self.attention)
             searched = time.perf_counter()
-        beam_size = c.search_defaults["beam_size"] if beam_size is None else beam_size
+        beam_size, _ = c.search_settings(beam_size)
         result = c._result("upload", out, 0)
         done = time.perf_counter()
         return {

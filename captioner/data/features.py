@@ -603,9 +603,6 @@ def _covering_cache(directory: Path, encoder_fp: str, image_ids: Sequence[str]) 
             f"{len(image_ids)} images needed (e.g. {missing[0]}); not overwriting it: use another "
             "directory, or delete it to rebuild")
     return cache
-    if cache.index["encoder_fingerprint"] == encoder_fp and all(i in cache for i in image_ids):
-        return cache
-    return None
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -139,11 +139,10 @@ class CaptionDecoder(nn.Module):
         # x [B,in], state tensors [1,B,H] -> h [B,H], new state; same maths as self.rnn
         rnn = self.rnn
         weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
-        if self.config.cell == "lstm":
-            h, c = torch.lstm_cell(x, (state[0][0], state[1][0]), *weights)
-            return h, (h.unsqueeze(0), c.unsqueeze(0))
-        h = CELL_STEPS[self.config.cell](x, state[0][0], *weights)
-        return h, (h.unsqueeze(0),)
+        hx = tuple(t[0] for t in state) if len(state) > 1 else state[0][0]  # lstm takes (h, c)
+        out = CELL_STEPS[self.config.cell](x, hx, *weights)
+        new = out if isinstance(out, tuple) else (out,)
+        return new[0], tuple(t.unsqueeze(0) for t in new)
 
     # ---- training --------------------------------------------------------------------------
     def forward(self, memory: Memory, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
