@@ -125,6 +125,42 @@ def test_batch_equals_one_at_a_time():
         assert torch.allclose(alone.log_probs[0], together.log_probs[i], atol=1e-5)
 
 
+def test_finished_images_leave_the_batch():
+    """An image whose n-best can no longer change stops costing decoder rows; the others'
+    results are those of searching each image alone."""
+    dec, mem = make("gru", True)
+    with torch.no_grad():
+        dec.output.bias[Vocabulary.end_id] = 0.5  # captions end, at different steps per image
+    rows = []
+    step = dec.step
+    dec.step = lambda tokens, state, memory: (rows.append(tokens.shape[0]), step(tokens, state, memory))[1]
+    together = beam_search(dec, mem, beam_size=3, max_length=20, alpha=1.0, return_attention=True)
+    beam_rows = rows[:rows.index(5)]  # multiples of 3; then the greedy candidate (5 rows, 1 per image)
+    assert beam_rows[0] == 15 and beam_rows == sorted(beam_rows, reverse=True) and beam_rows[-1] < 15
+    for i in range(5):
+        alone = beam_search(dec, type(mem)(*(t[i:i + 1] for t in mem)), beam_size=3, max_length=20,
+                            alpha=1.0, return_attention=True)
+        n = alone.tokens.shape[2]
+        assert torch.equal(alone.tokens[0], together.tokens[i, :, :n])
+        assert torch.allclose(alone.scores[0], together.scores[i], atol=1e-5)
+        assert torch.allclose(alone.attention[0], together.attention[i, :, :n], atol=1e-5)
+
+
+def test_n_best_search_stops_no_earlier_than_its_answer_allows():
+    """Stopping once the n best finished hypotheses are settled returns exactly the top n of
+    a search that settles all K."""
+    dec, mem = make("lstm", True)
+    with torch.no_grad():
+        dec.output.bias[Vocabulary.end_id] = 1.5
+    full = beam_search(dec, mem, beam_size=4, max_length=15, alpha=1.0, n_best=4)
+    for n in (1, 2):
+        early = beam_search(dec, mem, beam_size=4, max_length=15, alpha=1.0, n_best=n)
+        width = early.tokens.shape[2]
+        assert torch.equal(early.tokens, full.tokens[:, :n, :width])
+        assert (full.tokens[:, :n, width:] == Vocabulary.pad_id).all()
+        assert torch.allclose(early.scores, full.scores[:, :n])
+
+
 def test_finished_log_prob_matches_rescoring():
     dec, mem = make("gru")
     r = beam_search(dec, mem, beam_size=3, max_length=10)

@@ -100,94 +100,121 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
     """Batched beam search with the GNMT length penalty and a pool of finished hypotheses.
 
     Per image, K open beams are extended each step; of the 2K best candidates, those ending in
-    <end> (and ranking in the first K) enter a K-sized pool of finished hypotheses (ranked by log_prob / length_penalty)
-    and the K best others stay open, so a finished hypothesis is never pushed out by open
-    beams that later end worse. Search stops when no open beam can still beat the pool
-    (log-probs only fall; the bound uses the largest length penalty) or at max_length. When no
-    beam ever ends, the open beams at max_length are the answer.
+    <end> (and ranking in the first K) enter a K-sized pool of finished hypotheses (ranked by
+    log_prob / length_penalty) and the K best others stay open, so a finished hypothesis is
+    never pushed out by open beams that later end worse. An image is done when no open beam
+    can still beat its full pool (log-probs only fall; the bound uses the largest length
+    penalty); its rows then leave the batch, so later steps only pay for the images still
+    searching (with the length penalty's loose bound, the last image of a batch of 32 often
+    needs twice the steps of the average one). At max_length the open beams of the images
+    still searching are kept; for an image whose pool never filled they are the answer.
     """
     if beam_size < 1 or n_best < 1 or n_best > beam_size:
         raise ValueError("need 1 <= n_best <= beam_size")
     b, k = memory.pooled.shape[0], beam_size
     device = memory.pooled.device
+    image_memory = memory
     memory = memory.repeat_interleave(k)
     state = decoder.init_state(memory)
     vocab = decoder.config.vocab_size
     neg_inf = float("-inf")
+    bound_penalty = length_penalty(torch.tensor(max_length), alpha).item()
 
+    # The images still searching (their indices into the batch) and their open beams.
+    alive = torch.arange(b, device=device)
     log_probs = torch.zeros(b, k, device=device)
     log_probs[:, 1:] = neg_inf  # all beams start identical: expand only the first
     tokens = torch.full((b * k,), Vocabulary.start_id, dtype=torch.long, device=device)
     history = torch.zeros(b, k, 0, dtype=torch.long, device=device)      # open beams' words
-    attention: Tensor | None = None                                       # [B,K,t,L]
-    base = (torch.arange(b, device=device) * k)[:, None]  # row offset of each image's beams
+    attention: Tensor | None = None                                       # [alive,K,t,L]
 
+    # Per image of the whole batch: the pool of finished hypotheses ...
     pool_tokens = torch.full((b, k, max_length), Vocabulary.pad_id, dtype=torch.long, device=device)
     pool_logp = torch.full((b, k), neg_inf, device=device)
     pool_score = torch.full((b, k), neg_inf, device=device)
     pool_len = torch.zeros(b, k, dtype=torch.long, device=device)
     pool_att: Tensor | None = None                                        # [B,K,max_length,L]
+    # ... and the open beams of the images still searching at max_length (-inf for the others).
+    open_tokens = torch.full((b, k, max_length), Vocabulary.pad_id, dtype=torch.long, device=device)
+    open_logp = torch.full((b, k), neg_inf, device=device)
+    open_len = torch.zeros(b, k, dtype=torch.long, device=device)
+    open_att: Tensor | None = None
 
     for t in range(max_length):
+        n = alive.shape[0]
         logits, state, alpha_t = decoder.step(tokens, state, memory)
-        step_logp = torch.log_softmax(logits.float(), dim=-1).view(b, k, vocab)
+        step_logp = torch.log_softmax(logits.float(), dim=-1).view(n, k, vocab)
         step_logp[..., Vocabulary.pad_id] = neg_inf
         step_logp[..., Vocabulary.start_id] = neg_inf
         step_logp[..., Vocabulary.unk_id] = neg_inf  # "<unk>" is not a word a caption may say
-        cand_logp = (log_probs[..., None] + step_logp).view(b, k * vocab)
+        cand_logp = (log_probs[..., None] + step_logp).view(n, k * vocab)
         penalty = length_penalty(torch.tensor(t + 1), alpha).item()
-        top_logp, top_index = cand_logp.topk(min(2 * k, k * vocab), dim=1)   # [B,2K]
+        top_logp, top_index = cand_logp.topk(min(2 * k, k * vocab), dim=1)   # [n,2K]
         parent, word = top_index // vocab, top_index % vocab
         ends = word == Vocabulary.end_id
-        cand_tokens = torch.cat([history.gather(1, parent[..., None].expand(b, parent.shape[1], t)),
-                                 word[..., None]], dim=2)                     # [B,2K,t+1]
+        width = parent.shape[1]
+        cand_tokens = torch.cat([history.gather(1, parent[..., None].expand(n, width, t)),
+                                 word[..., None]], dim=2)                     # [n,2K,t+1]
         cand_att = None
         if return_attention and alpha_t is not None:
-            a = alpha_t.view(b, k, 1, -1).gather(1, parent[:, :, None, None].expand(b, parent.shape[1], 1,
-                                                                                   alpha_t.shape[-1]))
+            cells = alpha_t.shape[-1]
+            a = alpha_t.view(n, k, 1, cells).gather(1, parent[:, :, None, None].expand(n, width, 1, cells))
             cand_att = a if attention is None else torch.cat(
-                [attention.gather(1, parent[:, :, None, None].expand(b, parent.shape[1], t, attention.shape[-1])), a],
-                dim=2)
+                [attention.gather(1, parent[:, :, None, None].expand(n, width, t, cells)), a], dim=2)
 
         # 1. finished candidates among the K best join the pool (as in fairseq: with K=1 this
         #    is exactly greedy); the pool keeps its K best.
-        in_top_k = torch.arange(top_logp.shape[1], device=device)[None, :] < k
+        in_top_k = torch.arange(width, device=device)[None, :] < k
         new_score = torch.where(ends & in_top_k, top_logp / penalty, torch.full_like(top_logp, neg_inf))
-        merged_score, keep = torch.cat([pool_score, new_score], dim=1).topk(k, dim=1)
+        merged_score, keep = torch.cat([pool_score[alive], new_score], dim=1).topk(k, dim=1)
         padded = torch.nn.functional.pad(cand_tokens, (0, max_length - t - 1), value=Vocabulary.pad_id)
-        pool_tokens = torch.cat([pool_tokens, padded], dim=1).gather(1, keep[..., None].expand(b, k, max_length))
-        pool_logp = torch.cat([pool_logp, top_logp], dim=1).gather(1, keep)
-        pool_len = torch.cat([pool_len, torch.full_like(word, t + 1)], dim=1).gather(1, keep)
-        pool_score = merged_score
+        pool_tokens[alive] = torch.cat([pool_tokens[alive], padded], dim=1).gather(
+            1, keep[..., None].expand(n, k, max_length))
+        pool_logp[alive] = torch.cat([pool_logp[alive], top_logp], dim=1).gather(1, keep)
+        pool_len[alive] = torch.cat([pool_len[alive], torch.full_like(word, t + 1)], dim=1).gather(1, keep)
+        pool_score[alive] = merged_score
         if cand_att is not None:
             padded_att = torch.nn.functional.pad(cand_att, (0, 0, 0, max_length - t - 1))
             if pool_att is None:
-                pool_att = torch.zeros(b, k, max_length, cand_att.shape[-1], device=device)
-            pool_att = torch.cat([pool_att, padded_att], dim=1).gather(
-                1, keep[:, :, None, None].expand(b, k, max_length, cand_att.shape[-1]))
+                pool_att = torch.zeros(b, k, max_length, cells, device=device)
+                open_att = torch.zeros(b, k, max_length, cells, device=device)
+            pool_att[alive] = torch.cat([pool_att[alive], padded_att], dim=1).gather(
+                1, keep[:, :, None, None].expand(n, k, max_length, cells))
 
         # 2. the K best unfinished candidates stay open.
-        open_logp, pick = torch.where(ends, torch.full_like(top_logp, neg_inf), top_logp).topk(k, dim=1)
-        log_probs = open_logp
-        history = cand_tokens.gather(1, pick[..., None].expand(b, k, t + 1))
+        log_probs, pick = torch.where(ends, torch.full_like(top_logp, neg_inf), top_logp).topk(k, dim=1)
+        history = cand_tokens.gather(1, pick[..., None].expand(n, k, t + 1))
         if cand_att is not None:
-            attention = cand_att.gather(1, pick[:, :, None, None].expand(b, k, t + 1, cand_att.shape[-1]))
-        rows = (base + parent.gather(1, pick)).view(-1)
-        state = tuple(s_[:, rows] for s_ in state)
+            attention = cand_att.gather(1, pick[:, :, None, None].expand(n, k, t + 1, cells))
+        rows = (torch.arange(n, device=device)[:, None] * k + parent.gather(1, pick)).view(-1)
         tokens = word.gather(1, pick).view(-1)
 
-        # 3. stop when no open beam can still enter a full pool.
-        best_possible = log_probs.max(dim=1).values / length_penalty(torch.tensor(max_length), alpha).item()
-        if bool((best_possible < pool_score[:, -1]).all()):
-            break
+        # 3. an image is done when no open beam can still enter the n-best of its pool (the
+        #    rest of the pool is never returned); its rows leave the batch.
+        searching = log_probs.max(dim=1).values / bound_penalty >= merged_score[:, n_best - 1]
+        if t == max_length - 1 or not bool(searching.all()):
+            if t == max_length - 1:  # out of steps: the open beams are kept
+                last = alive[searching]
+                open_tokens[last, :, :t + 1] = history[searching]
+                open_logp[last] = log_probs[searching]
+                open_len[last] = t + 1
+                if attention is not None and open_att is not None:
+                    open_att[last, :, :t + 1] = attention[searching]
+                break
+            if not bool(searching.any()):
+                break
+            alive, log_probs, history = alive[searching], log_probs[searching], history[searching]
+            if attention is not None:
+                attention = attention[searching]
+            keep_rows = searching.repeat_interleave(k)
+            rows, tokens = rows.view(n, k)[searching].view(-1), tokens[keep_rows]
+            memory = Memory(*(None if x is None else x[keep_rows] for x in memory))
+        state = tuple(s_[:, rows] for s_ in state)
 
-    # Open beams (unfinished at max_length) rank after every finished hypothesis.
-    steps = history.shape[2]
-    open_len = torch.full((b, k), steps, dtype=torch.long, device=device)
-    open_score = log_probs / length_penalty(open_len, alpha)
-    all_tokens = torch.cat([pool_tokens, torch.nn.functional.pad(history, (0, max_length - steps),
-                                                                 value=Vocabulary.pad_id)], dim=1)
-    all_logp = torch.cat([pool_logp, log_probs], dim=1)
+    # Open beams (kept only where the pool never filled) rank after every finished hypothesis.
+    open_score = open_logp / length_penalty(open_len, alpha)
+    all_tokens = torch.cat([pool_tokens, open_tokens], dim=1)
+    all_logp = torch.cat([pool_logp, open_logp], dim=1)
     all_score = torch.cat([pool_score, open_score], dim=1)
     all_len = torch.cat([pool_len, open_len], dim=1)
     rank_key = torch.cat([pool_score, open_score - 1e9], dim=1)
@@ -195,8 +222,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         # Beam search may prune the greedy path and end below it in model score (it did on
         # ~15% of Flickr8k test images at K=3); the greedy hypothesis (1/K of the cost) is
         # therefore always a candidate, so beam search is never worse than greedy.
-        g = beam_search(decoder, Memory(*(None if x is None else x[::k] for x in memory)), 1, max_length,
-                        alpha, 1, return_attention)
+        g = beam_search(decoder, image_memory, 1, max_length, alpha, 1, return_attention)
         g_tokens = torch.nn.functional.pad(g.tokens, (0, max_length - g.tokens.shape[2]), value=Vocabulary.pad_id)
         duplicate = (all_tokens == g_tokens).all(dim=2).any(dim=1, keepdim=True)
         finished_g = g.tokens.gather(2, (g.lengths - 1).clamp(min=0)[..., None]).squeeze(2) == Vocabulary.end_id
@@ -206,7 +232,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         all_len = torch.cat([all_len, g.lengths], dim=1)
         g_key = torch.where(finished_g, g.scores, g.scores - 1e9).masked_fill(duplicate, neg_inf)
         rank_key = torch.cat([rank_key, g_key], dim=1)
-        if g.attention is not None and pool_att is not None and attention is not None:
+        if g.attention is not None and pool_att is not None:
             greedy_att = torch.nn.functional.pad(g.attention, (0, 0, 0, max_length - g.attention.shape[2]))
         else:
             greedy_att = None
@@ -217,8 +243,8 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         return x.gather(1, order.view(b, n_best, *([1] * (x.dim() - 2))).expand(b, n_best, *x.shape[2:]))
 
     result_att = None
-    if attention is not None and pool_att is not None:
-        parts = [pool_att, torch.nn.functional.pad(attention, (0, 0, 0, max_length - steps))]
+    if pool_att is not None and open_att is not None:
+        parts = [pool_att, open_att]
         if k > 1 and greedy_att is not None:
             parts.append(greedy_att)
         result_att = pick_rows(torch.cat(parts, dim=1))[:, :, :width]
