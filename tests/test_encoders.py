@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -237,3 +240,32 @@ def test_lite0_never_downloads(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("download"))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download"))
     assert encoders.build_encoder("efficientnet-lite0").weights_id == "efficientnet-lite0-57934424.pth"
+
+
+ALLOCATION_CHURN = """
+import resource, sys, torch
+from captioner.model.encoders import build_encoder
+build_encoder("efficientnet-lite0", pretrained=False)  # an encoder applies allocator.py
+for _ in range(3):
+    torch.ones(64 << 20, dtype=torch.uint8)  # warm up: a 64 MiB block, freed at once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.ones(64 << 20, dtype=torch.uint8)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+@pytest.mark.parametrize("system_malloc", ["0", "1"])
+def test_large_freed_blocks_are_reused_not_faulted_in_again(system_malloc):
+    """Building an encoder keeps freed large blocks in the heap: re-allocating a 64 MiB
+    tensor 20 times costs no page faults (the kernel would zero 20 x 16k pages otherwise);
+    CAPTIONER_SYSTEM_MALLOC=1 leaves glibc's behaviour alone."""
+    env = {**os.environ, "CAPTIONER_SYSTEM_MALLOC": system_malloc}
+    out = subprocess.run([sys.executable, "-c", ALLOCATION_CHURN], env=env, capture_output=True, text=True,
+                         check=True)
+    faults = int(out.stdout.strip().splitlines()[-1])
+    if system_malloc == "1":
+        assert faults > 20 * 10_000
+    else:
+        assert faults < 2_000

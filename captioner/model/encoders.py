@@ -27,6 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from captioner.allocator import keep_freed_memory
+
 __all__ = [
     "ENCODERS",
     "Encoder",
@@ -174,6 +176,7 @@ class Encoder(nn.Module):
         self.body = body
         self.preprocessing = preprocessing
         self.weights_id = weights_id  # human-readable weights identity (file or enum name)
+        keep_freed_memory()  # its activations are the process's largest tensors (allocator.py)
         self.freeze()
         # NHWC is oneDNN's native conv layout: 1.3x faster on a 2-core CPU (EfficientNet-Lite0,
         # batch 32), faster on GPU tensor cores too; features differ from NCHW by ~2e-5.
