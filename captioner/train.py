@@ -21,7 +21,7 @@ from captioner.data.features import ImageFeaturesError, StaleCacheError
 from captioner.data.sources import DatasetError
 from captioner.model.module import CaptioningModule
 from captioner.export import load_module
-from captioner.modelfile import save_model
+from captioner.modelfile import ModelFileError, save_model
 
 class ExportModelFile(pl.Callback):
     """On fit end, write the best checkpoint's weights as a model file (rank 0 only)."""
@@ -72,7 +72,7 @@ def run_training(argv: Sequence[str]) -> int:
     try:
         CaptionerCLI(CaptioningModule, CaptionDataModule, args=args, save_config_kwargs={"overwrite": True},
                      seed_everything_default=0, parser_kwargs={"prog": "captioner train"})
-    except (DatasetError, ImageFeaturesError, StaleCacheError) as exc:
-        error_line(str(exc))  # a problem with the user's data: one line, not a traceback
+    except (DatasetError, ImageFeaturesError, StaleCacheError, ModelFileError) as exc:
+        error_line(str(exc))  # a problem with the user's data or files: one line, not a traceback
         return 1
     return 0

@@ -156,3 +156,32 @@ def test_ddp_validation_bleu_equals_single_process(trained, flickr8k_root, tmp_p
         results[devices] = {k: column(rows, k)[-1] for k in ("val/bleu1", "val/bleu4", "val/n_images")}
     assert results[2]["val/n_images"] == VAL_IMAGES  # every dev image exactly once
     assert results[1] == pytest.approx(results[2], abs=1e-9)
+
+
+def test_encoder_fine_tuning_starts_from_a_trained_decoder(trained, tmp_path, flickr8k_root):
+    """Raw-image mode with the encoder's last block open, from the cached-feature run's
+    decoder (model.init_decoder): the first steps already have the trained model's loss, and
+    the exported file carries the fine-tuned encoder."""
+    tmp, _ = trained
+    start = tmp / "model.safetensors"
+    finetune = write_config(tmp_path, flickr8k_root, tmp / "cache", model__init_decoder=str(start),
+                            model__finetune_blocks=1, data__mode="images", trainer__max_epochs=1,
+                            trainer__check_val_every_n_epoch=1)
+    train(finetune)
+    out = tmp_path / "model.safetensors"
+    first_loss = column(metrics(tmp_path / "run"), "train/loss")[0]
+    trained_losses = column(metrics(tmp / "run"), "train/loss")
+    assert first_loss < 0.5 * trained_losses[0] and first_loss < 2 * trained_losses[-1] + 0.5
+    finetuned = Captioner.load(out, device="cpu")
+    original = Captioner.load(start, device="cpu")
+    assert finetuned.model.encoder["finetuned"] is True
+    changed = [k for k, v in finetuned.encoder.state_dict().items()
+               if not torch.equal(v, original.encoder.state_dict()[k])]
+    assert changed and all(k.startswith(f"body.{len(original.encoder.blocks) - 1}.") for k in changed)
+
+    # A decoder that does not fit this run's settings: one line naming the file, no traceback.
+    proc = subprocess.run([sys.executable, "-m", "captioner", "train", "--config", str(finetune),
+                           "--model.hidden_dim", "32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"captioner: error: {start}: its decoder")

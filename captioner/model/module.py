@@ -47,8 +47,15 @@ class CaptioningModule(pl.LightningModule):
         encoder: str = "efficientnet-lite0",
         finetune_blocks: int = 0,
         encoder_lr: float = 1e-4,
+        init_decoder: str | None = None,
     ) -> None:
-        """vocab_size and feature_dim are linked from the DataModule by LightningCLI."""
+        """vocab_size and feature_dim are linked from the DataModule by LightningCLI.
+
+        `init_decoder`: a model file whose decoder weights this run starts from, e.g. to
+        fine-tune the encoder's last blocks (mode images) once a decoder trained on cached
+        features has converged. Its decoder config, vocabulary and encoder must match this
+        run's; a resumed run (--ckpt_path) takes its weights from the checkpoint instead.
+        """
         super().__init__()
         self.save_hyperparameters()
         if vocab_size < 5 or feature_dim < 1:
@@ -79,6 +86,25 @@ class CaptioningModule(pl.LightningModule):
             if len(datamodule.vocabulary) != self.hparams.vocab_size:
                 raise ValueError("the data's vocabulary does not match the model's vocab_size")
             self.vocabulary = datamodule.vocabulary
+        if stage == "fit" and self.hparams.init_decoder:
+            self._load_initial_decoder(self.hparams.init_decoder)
+
+    def _load_initial_decoder(self, path: str) -> None:
+        """Start from a trained decoder (see __init__); refuses one that would not fit."""
+        from captioner.modelfile import ModelFileError, load_model
+        source = load_model(path)
+        if source.ensemble:
+            raise ModelFileError(f"{path}: init_decoder needs a single decoder, not an ensemble")
+        if source.decoder_config != self.decoder.config:
+            raise ModelFileError(f"{path}: its decoder ({source.decoder_config.to_dict()}) differs from this "
+                                 f"run's model settings ({self.decoder.config.to_dict()})")
+        if self.vocabulary is not None and list(source.vocabulary.words) != list(self.vocabulary.words):
+            raise ModelFileError(f"{path}: its vocabulary differs from the one built from this run's data")
+        if source.encoder.get("name") != self.hparams.encoder or source.encoder.get("finetuned"):
+            raise ModelFileError(f"{path}: its decoder was trained on {source.encoder.get('name')} features"
+                                 f"{' (fine-tuned)' if source.encoder.get('finetuned') else ''}; this run "
+                                 f"uses the stock {self.hparams.encoder}")
+        self.decoder.load_state_dict(source.decoder_state)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The vocabulary travels with the weights (plain list of str: safe to load).
