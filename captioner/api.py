@@ -84,7 +84,7 @@ class Captioner:
         self.encoder.eval().to(self.device)
         # Inference only: no parameter asks for gradients, so tensors made under
         # inference_mode (the encoder's features) can flow through any decoder method.
-        self.decoder: CaptionDecoder | EnsembleDecoder = model.build_decoder().requires_grad_(False).to(self.device)
+        self.decoder: CaptionDecoder | EnsembleDecoder = model.build_decoder().requires_grad_(False).to(self.device).fold_embedding()
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str = "auto") -> "Captioner":

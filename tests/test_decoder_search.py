@@ -60,6 +60,25 @@ def test_padding_does_not_change_results():
     assert torch.allclose(logits, logits2, atol=1e-6)
 
 
+@pytest.mark.parametrize("cell,attention", CONFIGS)
+def test_folded_embedding_steps_like_the_plain_decoder(cell, attention):
+    """fold_embedding (what Captioner does) changes no step's result beyond float rounding,
+    so beam search finds the same captions; .train() drops the tables."""
+    dec, mem = make(cell, attention)
+    plain = beam_search(dec, mem, beam_size=3, max_length=12, n_best=3, return_attention=attention)
+    state, tokens = dec.init_state(mem), torch.tensor([1, 5, 9, 2, 7])
+    expected = dec.step(tokens, state, mem)
+    assert dec.fold_embedding() is dec and dec._token_gates.shape[0] == 40
+    got = dec.step(tokens, state, mem)
+    for a, b in zip((expected[0], *expected[1]), (got[0], *got[1])):
+        assert torch.allclose(a, b, atol=1e-5)
+    folded = beam_search(dec, mem, beam_size=3, max_length=12, n_best=3, return_attention=attention)
+    assert torch.equal(plain.tokens, folded.tokens)
+    assert torch.allclose(plain.log_probs, folded.log_probs, atol=1e-5)
+    dec.train()
+    assert dec._token_gates is None and "_token_gates" not in dec.state_dict()
+
+
 def test_rnn_cell_is_plain_tanh_rnn():
     dec, mem = make("rnn")
     assert isinstance(dec.rnn, torch.nn.RNN) and dec.rnn.nonlinearity == "tanh"

@@ -99,8 +99,31 @@ class CaptionDecoder(nn.Module):
             dropout=c.dropout if c.num_layers > 1 else 0.0, **rnn_kwargs)
         self.dropout = nn.Dropout(c.dropout)
         self.output = nn.Linear(c.hidden_dim, c.vocab_size)
+        # Set by fold_embedding() (inference); never saved, dropped by .train().
+        self.register_buffer("_token_gates", None, persistent=False)    # [V, gates]
+        self.register_buffer("_context_weight", None, persistent=False)  # [gates, C] (attention)
 
     # ---- inference interface ---------------------------------------------------------------
+    def fold_embedding(self) -> CaptionDecoder:
+        """For inference with frozen weights: precompute every word's input-side gate
+        pre-activations (embedding @ W_ih[:, :E].T + b_ih, a [V, gates] table), so a
+        one-layer step looks its words' rows up instead of multiplying by W_ih's word half
+        (the whole W_ih without attention: a third of a 512-wide GRU step's multiply-adds).
+        Same maths, float rounding aside; `.train()` drops the tables."""
+        if self.config.num_layers != 1:
+            return self
+        e = self.config.embed_dim
+        with torch.no_grad():
+            weight = self.rnn.weight_ih_l0
+            self._token_gates = torch.nn.functional.linear(self.embedding.weight, weight[:, :e], self.rnn.bias_ih_l0)
+            self._context_weight = weight[:, e:].contiguous() if self.attention is not None else None
+        return self
+
+    def train(self, mode: bool = True) -> CaptionDecoder:
+        if mode:
+            self._token_gates = self._context_weight = None  # the weights are about to change
+        return super().train(mode)
+
     def memory(self, grid: Tensor | None, pooled: Tensor) -> Memory:
         """Precompute the per-image tensors every step needs. grid [B,L,C], pooled [B,C]."""
         if self.attention is None:
@@ -119,8 +142,21 @@ class CaptionDecoder(nn.Module):
 
     def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
         """One word: tokens [B] -> logits [B,V], new state, attention [B,L] or None."""
-        out, state, alpha = self._advance(self.embedding(tokens), state, memory)
+        if self._token_gates is not None:
+            out, state, alpha = self._advance_folded(tokens, state, memory)
+        else:
+            out, state, alpha = self._advance(self.embedding(tokens), state, memory)
         return self.output(self.dropout(out)), state, alpha
+
+    def _advance_folded(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
+        # _advance with the word half of the input projection looked up (fold_embedding): the
+        # cell's input is the attention context alone (or nothing), its input bias the rows.
+        gates = self._token_gates[tokens]
+        if self.attention is None:
+            alpha, x, weight = None, gates.new_zeros(gates.shape[0], 0), gates.new_zeros(gates.shape[1], 0)
+        else:
+            (x, alpha), weight = self.attention(memory.grid, memory.grid_proj, state[0][-1]), self._context_weight
+        return (*self._one_layer_step(x, state, weight, gates), alpha)
 
     def _advance(self, embedded: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
         # embedded [B,E] -> top hidden [B,H]
@@ -135,10 +171,13 @@ class CaptionDecoder(nn.Module):
         state = (rnn_state,) if isinstance(rnn_state, Tensor) else tuple(rnn_state)
         return out.squeeze(1), state, alpha
 
-    def _one_layer_step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        # x [B,in], state tensors [1,B,H] -> h [B,H], new state; same maths as self.rnn
+    def _one_layer_step(self, x: Tensor, state: State, weight_ih: Tensor | None = None,
+                        bias_ih: Tensor | None = None) -> tuple[Tensor, State]:
+        # x [B,in], state tensors [1,B,H] -> h [B,H], new state; same maths as self.rnn. The
+        # folded path passes its own input weight and a per-row [B, gates] input bias.
         rnn = self.rnn
-        weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+        weights = (rnn.weight_ih_l0 if weight_ih is None else weight_ih, rnn.weight_hh_l0,
+                   rnn.bias_ih_l0 if bias_ih is None else bias_ih, rnn.bias_hh_l0)
         hx = tuple(t[0] for t in state) if len(state) > 1 else state[0][0]  # lstm takes (h, c)
         out = CELL_STEPS[self.config.cell](x, hx, *weights)
         new = out if isinstance(out, tuple) else (out,)

@@ -77,6 +77,12 @@ class EnsembleDecoder(nn.Module):
                 self._proj_slices.append(None)
         self._state_sizes = [2 if m.config.cell == "lstm" else 1 for m in members]
 
+    def fold_embedding(self) -> EnsembleDecoder:
+        """Every member's `CaptionDecoder.fold_embedding` (inference)."""
+        for member in self.members:
+            member.fold_embedding()
+        return self
+
     def memory(self, grid: Tensor | None, pooled: Tensor) -> Memory:
         memories = [m.memory(grid, pooled) for m in self.members]
         projections = [mem.grid_proj for mem in memories if mem.grid_proj is not None]
