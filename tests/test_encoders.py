@@ -123,6 +123,25 @@ def test_freeze_and_trainable_tail():
         enc.trainable_tail(-1)
 
 
+def test_trainable_tail_in_eval_mode_learns_with_fixed_statistics():
+    """train_mode=False: the tail gets gradients, but a training-mode forward is the eval
+    forward (BatchNorm's stored statistics, no drop-connect) and the statistics never move."""
+    torch.manual_seed(0)
+    enc = build_encoder("efficientnet-lite0", pretrained=False).trainable_tail(2, train_mode=False)
+    enc.train()
+    assert not any(b.training for b in enc.blocks)
+    stats = {k: v.clone() for k, v in enc.state_dict().items() if "running" in k}
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = enc.eval()(images).pooled
+    out = enc.train()(images).pooled
+    assert torch.allclose(out, expected, atol=1e-6)
+    out.sum().backward()
+    grads = [p.grad is not None for b in enc.blocks for p in b.parameters()]
+    assert any(grads[-5:]) and not any(grads[:5])
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in stats.items())
+
+
 def test_weights_digest_identifies_weights():
     torch.manual_seed(0)
     a = build_encoder("efficientnet-lite0", pretrained=False)

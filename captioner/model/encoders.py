@@ -198,21 +198,25 @@ class Encoder(nn.Module):
         self.requires_grad_(False)
         return self.eval()
 
-    def trainable_tail(self, n_blocks: int) -> Encoder:
-        """Unfreeze exactly the last `n_blocks` blocks (0 = fully frozen)."""
+    def trainable_tail(self, n_blocks: int, train_mode: bool = True) -> Encoder:
+        """Unfreeze exactly the last `n_blocks` blocks (0 = fully frozen). With
+        `train_mode=False` they learn while staying in eval mode: BatchNorm keeps its ImageNet
+        statistics and drop-connect stays off, so features change only through the weights."""
         if n_blocks < 0:
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
         self.requires_grad_(False)
         for block in self.blocks[len(self.blocks) - min(n_blocks, len(self.blocks)):]:
             block.requires_grad_(True)
+        self._tail_train_mode = train_mode
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> Encoder:
-        """Like nn.Module.train, but frozen blocks stay in eval mode (BatchNorm stats fixed)."""
+        """Like nn.Module.train, but frozen blocks (and, with trainable_tail(n,
+        train_mode=False), every block) stay in eval mode."""
         super().train(mode)
         if mode:
             for block in self.blocks:
-                if not any(p.requires_grad for p in block.parameters()):
+                if not getattr(self, "_tail_train_mode", True) or not any(p.requires_grad for p in block.parameters()):
                     block.eval()
         return self
 

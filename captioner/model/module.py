@@ -47,13 +47,15 @@ class CaptioningModule(pl.LightningModule):
         encoder: str = "efficientnet-lite0",
         finetune_blocks: int = 0,
         encoder_lr: float = 1e-4,
+        finetune_train_mode: bool = True,
         init_decoder: str | None = None,
     ) -> None:
         """vocab_size and feature_dim are linked from the DataModule by LightningCLI.
 
         `init_decoder`: a model file whose decoder weights this run starts from, e.g. to
         fine-tune the encoder's last blocks (mode images) once a decoder trained on cached
-        features has converged. Its decoder config, vocabulary and encoder must match this
+        features has converged. `finetune_train_mode=False` keeps the opened blocks in eval
+        mode while they learn (fixed BatchNorm statistics, no drop-connect). Its decoder config, vocabulary and encoder must match this
         run's; a resumed run (--ckpt_path) takes its weights from the checkpoint instead.
         """
         super().__init__()
@@ -75,7 +77,7 @@ class CaptioningModule(pl.LightningModule):
             self.encoder = build_encoder(encoder)
             self.encoder.freeze()
             if finetune_blocks:
-                self.encoder.trainable_tail(finetune_blocks)
+                self.encoder.trainable_tail(finetune_blocks, train_mode=finetune_train_mode)
         self.vocabulary: Vocabulary | None = None
         self._val_outputs: list[tuple[Tensor, Tensor]] = []
 
