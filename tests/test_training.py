@@ -160,8 +160,9 @@ def test_ddp_validation_bleu_equals_single_process(trained, flickr8k_root, tmp_p
 
 def test_encoder_fine_tuning_starts_from_a_trained_decoder(trained, tmp_path, flickr8k_root):
     """Raw-image mode with the encoder's last block open, from the cached-feature run's
-    decoder (model.init_decoder): the first steps already have the trained model's loss, and
-    the exported file carries the fine-tuned encoder."""
+    decoder (model.init_decoder): the first steps already have the trained model's loss, the
+    opened block trains in train mode (its BatchNorm statistics move; the frozen blocks' do
+    not), and the exported file carries the fine-tuned encoder."""
     tmp, _ = trained
     start = tmp / "model.safetensors"
     finetune = write_config(tmp_path, flickr8k_root, tmp / "cache", model__init_decoder=str(start),
@@ -178,6 +179,7 @@ def test_encoder_fine_tuning_starts_from_a_trained_decoder(trained, tmp_path, fl
     changed = [k for k, v in finetuned.encoder.state_dict().items()
                if not torch.equal(v, original.encoder.state_dict()[k])]
     assert changed and all(k.startswith(f"body.{len(original.encoder.blocks) - 1}.") for k in changed)
+    assert any("running_mean" in k for k in changed)  # the opened block trained in train mode
 
     # A decoder that does not fit this run's settings: one line naming the file, no traceback.
     proc = subprocess.run([sys.executable, "-m", "captioner", "train", "--config", str(finetune),

@@ -146,6 +146,14 @@ class CaptioningModule(pl.LightningModule):
             total = total + self.hparams.alpha_c * ds
         return total, parts
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning leaves submodules built in eval mode in eval mode (and restores modes after
+        # each validation), so the encoder, built frozen, would never train its opened tail's
+        # BatchNorm. Encoder.train() puts exactly the opened blocks in train mode (none with
+        # finetune_train_mode=False).
+        if self.encoder is not None:
+            self.encoder.train()
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         total, parts = self.loss(batch)
         bs = batch["captions"].shape[0]
