@@ -5,7 +5,7 @@ it. Reported: feature-extraction time, time from the start of training to the be
 BLEU-4 checkpoint (the model the run exports), the total, and the 30-minute budget.
 
 The "baseline" here is the budget itself (issue 6: the whole recipe in under 30 minutes on
-a 2-core CPU); the ratio is recipe time / budget. Takes about half an hour: run it on a
+a 2-core CPU); the ratio is recipe time / budget. Takes about 7 minutes here: run it on a
 quiet machine, nothing else training.
 
     python benchmarks/bench_recipe.py [--config configs/flickr8k-gru.yaml] [--workdir DIR]
