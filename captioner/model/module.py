@@ -54,9 +54,10 @@ class CaptioningModule(pl.LightningModule):
 
         `init_decoder`: a model file whose decoder weights this run starts from, e.g. to
         fine-tune the encoder's last blocks (mode images) once a decoder trained on cached
-        features has converged. `finetune_train_mode=False` keeps the opened blocks in eval
-        mode while they learn (fixed BatchNorm statistics, no drop-connect). Its decoder config, vocabulary and encoder must match this
+        features has converged. Its decoder config, vocabulary and encoder must match this
         run's; a resumed run (--ckpt_path) takes its weights from the checkpoint instead.
+        `finetune_train_mode=False` keeps the opened blocks in eval mode while they learn
+        (fixed BatchNorm statistics, no drop-connect).
         """
         super().__init__()
         self.save_hyperparameters()
