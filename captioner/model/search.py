@@ -1,8 +1,8 @@
 """Decoding over `CaptionDecoder.step()`: greedy, sampling and beam search.
 
-Each method is one batched tensor program: beam search runs the whole batch x beam as a
-single [B*K] batch per step on CPU or GPU, so captioning 32 images costs about as many
-steps as captioning one.
+Each method is one batched tensor program: beam search runs the batch x beam as a single
+[B*K] batch per step on CPU or GPU, so captioning 32 images costs about as many steps as
+captioning one; images whose answer is settled leave that batch.
 """
 from __future__ import annotations
 
