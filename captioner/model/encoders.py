@@ -177,6 +177,7 @@ class Encoder(nn.Module):
         self.preprocessing = preprocessing
         self.weights_id = weights_id  # human-readable weights identity (file or enum name)
         keep_freed_memory()  # its activations are the process's largest tensors (allocator.py)
+        self._tail_train_mode = True  # see trainable_tail
         self.freeze()
         # NHWC is oneDNN's native conv layout: 1.3x faster on a 2-core CPU (EfficientNet-Lite0,
         # batch 32), faster on GPU tensor cores too; features differ from NCHW by ~2e-5.
@@ -216,7 +217,7 @@ class Encoder(nn.Module):
         super().train(mode)
         if mode:
             for block in self.blocks:
-                if not getattr(self, "_tail_train_mode", True) or not any(p.requires_grad for p in block.parameters()):
+                if not self._tail_train_mode or not any(p.requires_grad for p in block.parameters()):
                     block.eval()
         return self
 

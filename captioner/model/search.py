@@ -103,8 +103,9 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
     <end> (and ranking in the first K) enter a K-sized pool of finished hypotheses (ranked by
     log_prob / length_penalty) and the K best others stay open, so a finished hypothesis is
     never pushed out by open beams that later end worse. An image is done when no open beam
-    can still beat its full pool (log-probs only fall; the bound uses the largest length
-    penalty); its rows then leave the batch, so later steps only pay for the images still
+    can still enter the n_best best of its pool (log-probs only fall; the bound uses the
+    largest length penalty; the rest of the pool is never returned); its rows then leave the
+    batch, so later steps only pay for the images still
     searching (with the length penalty's loose bound, the last image of a batch of 32 often
     needs twice the steps of the average one). At max_length the open beams of the images
     still searching are kept; for an image whose pool never filled they are the answer.
@@ -152,19 +153,19 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         top_logp, top_index = cand_logp.topk(min(2 * k, k * vocab), dim=1)   # [n,2K]
         parent, word = top_index // vocab, top_index % vocab
         ends = word == Vocabulary.end_id
-        width = parent.shape[1]
-        cand_tokens = torch.cat([history.gather(1, parent[..., None].expand(n, width, t)),
+        n_cand = parent.shape[1]
+        cand_tokens = torch.cat([history.gather(1, parent[..., None].expand(n, n_cand, t)),
                                  word[..., None]], dim=2)                     # [n,2K,t+1]
         cand_att = None
         if return_attention and alpha_t is not None:
             cells = alpha_t.shape[-1]
-            a = alpha_t.view(n, k, 1, cells).gather(1, parent[:, :, None, None].expand(n, width, 1, cells))
+            a = alpha_t.view(n, k, 1, cells).gather(1, parent[:, :, None, None].expand(n, n_cand, 1, cells))
             cand_att = a if attention is None else torch.cat(
-                [attention.gather(1, parent[:, :, None, None].expand(n, width, t, cells)), a], dim=2)
+                [attention.gather(1, parent[:, :, None, None].expand(n, n_cand, t, cells)), a], dim=2)
 
         # 1. finished candidates among the K best join the pool (as in fairseq: with K=1 this
         #    is exactly greedy); the pool keeps its K best.
-        in_top_k = torch.arange(width, device=device)[None, :] < k
+        in_top_k = torch.arange(n_cand, device=device)[None, :] < k
         new_score = torch.where(ends & in_top_k, top_logp / penalty, torch.full_like(top_logp, neg_inf))
         merged_score, keep = torch.cat([pool_score[alive], new_score], dim=1).topk(k, dim=1)
         padded = torch.nn.functional.pad(cand_tokens, (0, max_length - t - 1), value=Vocabulary.pad_id)
@@ -192,17 +193,17 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         # 3. an image is done when no open beam can still enter the n-best of its pool (the
         #    rest of the pool is never returned); its rows leave the batch.
         searching = log_probs.max(dim=1).values / bound_penalty >= merged_score[:, n_best - 1]
-        if t == max_length - 1 or not bool(searching.all()):
-            if t == max_length - 1:  # out of steps: the open beams are kept
-                last = alive[searching]
-                open_tokens[last, :, :t + 1] = history[searching]
-                open_logp[last] = log_probs[searching]
-                open_len[last] = t + 1
-                if attention is not None and open_att is not None:
-                    open_att[last, :, :t + 1] = attention[searching]
-                break
-            if not bool(searching.any()):
-                break
+        if t == max_length - 1:  # out of steps: the open beams of the images still searching are kept
+            last = alive[searching]
+            open_tokens[last, :, :t + 1] = history[searching]
+            open_logp[last] = log_probs[searching]
+            open_len[last] = t + 1
+            if open_att is not None:
+                open_att[last, :, :t + 1] = attention[searching]
+            break
+        if not bool(searching.any()):
+            break
+        if not bool(searching.all()):
             alive, log_probs, history = alive[searching], log_probs[searching], history[searching]
             if attention is not None:
                 attention = attention[searching]
