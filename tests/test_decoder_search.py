@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from captioner.model.decoder import CaptionDecoder, DecoderConfig
-from captioner.model.search import beam_search, greedy, length_penalty, sample
+from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory
+from captioner.model.search import beam_search, greedy, length_penalty, repeat_state, sample
 from captioner.text import Vocabulary
 
 CONFIGS = [(cell, att) for cell in ("lstm", "gru", "rnn") for att in (False, True)]
@@ -58,6 +58,25 @@ def test_padding_does_not_change_results():
     wider = torch.cat([caps, torch.zeros(5, 4, dtype=torch.long)], 1)
     logits2, _, _ = dec(mem, wider, lengths)
     assert torch.allclose(logits, logits2, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell,attention", CONFIGS)
+def test_k_rows_per_image_share_the_memory_row(cell, attention):
+    """Beams/samples step against one memory row per image: the same results as against the
+    memory copied for every row (what search did before), and a row count that does not
+    divide into the images is an error, not a silent broadcast."""
+    dec, mem = make(cell, attention)
+    k = 3
+    copied = Memory(*(None if x is None else x.repeat_interleave(k, dim=0) for x in mem))
+    state = repeat_state(dec.init_state(mem), k)
+    tokens = torch.randint(4, 40, (5 * k,))
+    shared, expected = dec.step(tokens, state, mem), dec.step(tokens, state, copied)
+    for a, b in zip((shared[0], *shared[1]), (expected[0], *expected[1])):
+        assert torch.allclose(a, b, atol=1e-6)
+    if attention:
+        assert shared[2].shape == (5 * k, 6) and torch.allclose(shared[2], expected[2], atol=1e-6)
+        with pytest.raises(ValueError, match="14 decoder rows cannot share the memory of 5 images"):
+            dec.step(tokens[:14], tuple(s[:, :14] for s in state), mem)
 
 
 @pytest.mark.parametrize("cell,attention", CONFIGS)

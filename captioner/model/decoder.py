@@ -49,16 +49,24 @@ class DecoderConfig:
 
 
 class Memory(NamedTuple):
-    """What every step reads from the image; computed once per image, never reordered by
-    beam search (beams of one image share its rows)."""
+    """What every step reads from the image; computed once per image, one row per image.
+
+    A step may carry K rows per image (beams or samples, image-major: rows i*K .. i*K+K-1
+    belong to image i); they all read the image's one row, so search never copies the grid
+    K times (at beam 3 on a batch of 32 that copy alone was 24 MB per batch) and attention
+    reads each image's grid once for its K rows (one [K,L] x [L,C] product per image).
+    """
 
     grid: Tensor | None        # [B, L, C] (attention models only)
     grid_proj: Tensor | None   # [B, L, A] encoder half of the additive attention, precomputed
     pooled: Tensor             # [B, C]
 
-    def repeat_interleave(self, k: int) -> "Memory":
-        """Each image's rows repeated k times (for k beams or samples per image)."""
-        return Memory(*(None if t is None else t.repeat_interleave(k, dim=0) for t in self))
+
+def rows_per_image(rows: int, images: int) -> int:
+    """K for a step over `rows` rows against a memory of `images` images."""
+    if images < 1 or rows % images:
+        raise ValueError(f"{rows} decoder rows cannot share the memory of {images} images")
+    return rows // images
 
 
 State = tuple[Tensor, ...]  # (h,) or (h, c); each [num_layers, B, H]
@@ -75,14 +83,20 @@ class SoftAttention(nn.Module):
         self.gate = nn.Linear(hidden_dim, feature_dim)  # beta: how much image to let in
 
     def forward(self, grid: Tensor, grid_proj: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        # grid [B,L,C], grid_proj [B,L,A], hidden [B,H] -> context [B,C], alpha [B,L]
-        scores = self.score(torch.tanh(grid_proj + self.hidden_proj(hidden).unsqueeze(1)))
-        alpha = torch.softmax(scores.squeeze(2), dim=1)
-        context = torch.bmm(alpha.unsqueeze(1), grid).squeeze(1)
-        return torch.sigmoid(self.gate(hidden)) * context, alpha
+        # grid [B,L,C], grid_proj [B,L,A], hidden [B*K,H] (K rows per image, see Memory)
+        # -> context [B*K,C], alpha [B*K,L]
+        b, cells = grid.shape[0], grid.shape[1]
+        k = rows_per_image(hidden.shape[0], b)
+        query = self.hidden_proj(hidden).view(b, k, 1, -1)                      # [B,K,1,A]
+        scores = self.score(torch.tanh(grid_proj.unsqueeze(1) + query)).view(b, k, cells)
+        alpha = torch.softmax(scores, dim=2)
+        context = torch.bmm(alpha, grid).view(b * k, -1)                        # [B*K,C]
+        return torch.sigmoid(self.gate(hidden)) * context, alpha.view(b * k, cells)
 
 
 class CaptionDecoder(nn.Module):
+    step_returns_log_probs = False  # step() gives logits; search normalizes them
+
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -133,6 +147,7 @@ class CaptionDecoder(nn.Module):
         return Memory(grid, self.attention.encoder_proj(grid), pooled)
 
     def init_state(self, memory: Memory) -> State:
+        """The state of one row per image (search repeats it for K beams or samples)."""
         c, b = self.config, memory.pooled.shape[0]
 
         def project(layer: nn.Linear) -> Tensor:  # [B,C] -> [layers,B,H]
@@ -141,7 +156,8 @@ class CaptionDecoder(nn.Module):
         return (project(self.init_h),) if self.init_c is None else (project(self.init_h), project(self.init_c))
 
     def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
-        """One word: tokens [B] -> logits [B,V], new state, attention [B,L] or None."""
+        """One word: tokens [B*K] -> logits [B*K,V], new state, attention [B*K,L] or None,
+        for K rows per image of the memory's B (see Memory)."""
         if self._token_gates is not None:
             out, state, alpha = self._advance_folded(tokens, state, memory)
         else:

@@ -57,9 +57,11 @@ class EnsembleDecoder(nn.Module):
     """The `CaptionDecoder` inference interface (memory / init_state / step) over N decoders.
 
     `step` returns the log of the members' mean word probabilities (a normalized
-    distribution, so search's log_softmax leaves it unchanged), and the mean attention of the
-    attending members (None if none attends).
+    distribution: `step_returns_log_probs` tells search to skip its log_softmax), and the
+    mean attention of the attending members (None if none attends).
     """
+
+    step_returns_log_probs = True
 
     def __init__(self, members: list[CaptionDecoder]) -> None:
         super().__init__()
@@ -107,13 +109,18 @@ class EnsembleDecoder(nn.Module):
 
     def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
         """tokens [B] -> log mean probability [B,V], new state, mean attention [B,L] or None."""
-        log_probs, new_state, alphas = [], [], []
+        # Summing probabilities and taking one log costs a third of a logsumexp over the
+        # members' log_softmax (amax, exp, sum, log and its infinity guards, per member pair);
+        # a word whose mean probability underflows float32 (< 1e-45) gets -inf, which no
+        # search would pick anyway.
+        total, new_state, alphas = None, [], []
         for i, (member, member_state) in enumerate(zip(self.members, self._split_state(state))):
             logits, member_state, alpha = member.step(tokens, member_state, self._member_memory(i, memory))
-            log_probs.append(torch.log_softmax(logits.float(), dim=-1))
+            probs = torch.softmax(logits.float(), dim=-1)
+            total = probs if total is None else total.add_(probs)
             new_state.extend(member_state)
             if alpha is not None:
                 alphas.append(alpha)
-        mixed = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.members))
+        mixed = total.log_().sub_(math.log(len(self.members)))
         attention = torch.stack(alphas).mean(dim=0) if alphas else None
         return mixed, tuple(new_state), attention

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from captioner.model.decoder import CaptionDecoder, Memory
+from captioner.model.decoder import CaptionDecoder, Memory, State
 from captioner.text import Vocabulary
 
 
@@ -39,6 +39,12 @@ def length_penalty(lengths: Tensor, alpha: float) -> Tensor:
     return ((5.0 + lengths.float()) / 6.0) ** alpha
 
 
+def repeat_state(state: State, k: int) -> State:
+    """Each image's state rows repeated k times (image-major), for k beams or samples; the
+    memory is not repeated (a step's K rows per image share its row)."""
+    return state if k == 1 else tuple(s.repeat_interleave(k, dim=1) for s in state)
+
+
 def greedy(decoder: CaptionDecoder, memory: Memory, max_length: int = 30) -> SearchResult:
     """Most probable word at every step: beam search with one beam."""
     return beam_search(decoder, memory, beam_size=1, max_length=max_length)
@@ -54,8 +60,7 @@ def sample(decoder: CaptionDecoder, memory: Memory, max_length: int = 30, temper
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     b = memory.pooled.shape[0]
-    memory = memory.repeat_interleave(num_samples)
-    state = decoder.init_state(memory)
+    state = repeat_state(decoder.init_state(memory), num_samples)
     n = b * num_samples
     tokens = torch.full((n,), Vocabulary.start_id, dtype=torch.long, device=memory.pooled.device)
     out, total, lengths = [], torch.zeros(n, device=tokens.device), torch.zeros(n, dtype=torch.long, device=tokens.device)
@@ -115,8 +120,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
     b, k = memory.pooled.shape[0], beam_size
     device = memory.pooled.device
     image_memory = memory
-    memory = memory.repeat_interleave(k)
-    state = decoder.init_state(memory)
+    state = repeat_state(decoder.init_state(memory), k)
     vocab = decoder.config.vocab_size
     neg_inf = float("-inf")
     bound_penalty = length_penalty(torch.tensor(max_length), alpha).item()
@@ -144,7 +148,8 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
     for t in range(max_length):
         n = alive.shape[0]
         logits, state, alpha_t = decoder.step(tokens, state, memory)
-        step_logp = torch.log_softmax(logits.float(), dim=-1).view(n, k, vocab)
+        step_logp = (logits.float() if decoder.step_returns_log_probs
+                     else torch.log_softmax(logits.float(), dim=-1)).view(n, k, vocab)
         step_logp[..., Vocabulary.pad_id] = neg_inf
         step_logp[..., Vocabulary.start_id] = neg_inf
         step_logp[..., Vocabulary.unk_id] = neg_inf  # "<unk>" is not a word a caption may say
@@ -207,9 +212,8 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
             alive, log_probs, history = alive[searching], log_probs[searching], history[searching]
             if attention is not None:
                 attention = attention[searching]
-            keep_rows = searching.repeat_interleave(k)
-            rows, tokens = rows.view(n, k)[searching].view(-1), tokens[keep_rows]
-            memory = Memory(*(None if x is None else x[keep_rows] for x in memory))
+            rows, tokens = rows.view(n, k)[searching].view(-1), tokens.view(n, k)[searching].view(-1)
+            memory = Memory(*(None if x is None else x[searching] for x in memory))
         state = tuple(s_[:, rows] for s_ in state)
 
     # Open beams (kept only where the pool never filled) rank after every finished hypothesis.
