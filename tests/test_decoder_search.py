@@ -28,6 +28,13 @@ def padded_batch(vocab=40):
     return caps, lengths
 
 
+def count_rows(dec):
+    """Wrap dec.step to record the rows of every call."""
+    rows, step = [], dec.step
+    dec.step = lambda tokens, state, memory: (rows.append(tokens.shape[0]), step(tokens, state, memory))[1]
+    return rows
+
+
 @pytest.mark.parametrize("layers", [1, 2])  # one layer: steps run torch.*_cell on the module's weights
 @pytest.mark.parametrize("cell,attention", CONFIGS)
 def test_teacher_forcing_equals_step_by_step(cell, attention, layers):
@@ -169,12 +176,10 @@ def test_finished_images_leave_the_batch():
     dec, mem = make("gru", True)
     with torch.no_grad():
         dec.output.bias[Vocabulary.end_id] = 0.5  # captions end, at different steps per image
-    rows = []
-    step = dec.step
-    dec.step = lambda tokens, state, memory: (rows.append(tokens.shape[0]), step(tokens, state, memory))[1]
+    rows = count_rows(dec)
     together = beam_search(dec, mem, beam_size=3, max_length=20, alpha=1.0, return_attention=True)
-    beam_rows = rows[:rows.index(5)]  # multiples of 3; then the greedy candidate (5 rows, 1 per image)
-    assert beam_rows[0] == 15 and beam_rows == sorted(beam_rows, reverse=True) and beam_rows[-1] < 15
+    assert rows[0] == 15 and rows == sorted(rows, reverse=True) and rows[-1] < 15
+    assert all(r % 3 == 0 for r in rows)  # whole images leave: 3 beams each
     for i in range(5):
         alone = beam_search(dec, type(mem)(*(t[i:i + 1] for t in mem)), beam_size=3, max_length=20,
                             alpha=1.0, return_attention=True)
@@ -185,18 +190,38 @@ def test_finished_images_leave_the_batch():
 
 
 def test_n_best_search_stops_no_earlier_than_its_answer_allows():
-    """Stopping once the n best finished hypotheses are settled returns exactly the top n of
-    a search that settles all K."""
+    """Stopping once the n best finished hypotheses are settled (exhaustive bound) returns
+    exactly the top n of a search that settles all K."""
     dec, mem = make("lstm", True)
     with torch.no_grad():
         dec.output.bias[Vocabulary.end_id] = 1.5
-    full = beam_search(dec, mem, beam_size=4, max_length=15, alpha=1.0, n_best=4)
+    full = beam_search(dec, mem, beam_size=4, max_length=15, alpha=1.0, n_best=4, exhaustive=True)
     for n in (1, 2):
-        early = beam_search(dec, mem, beam_size=4, max_length=15, alpha=1.0, n_best=n)
+        early = beam_search(dec, mem, beam_size=4, max_length=15, alpha=1.0, n_best=n, exhaustive=True)
         width = early.tokens.shape[2]
         assert torch.equal(early.tokens, full.tokens[:, :n, :width])
         assert (full.tokens[:, :n, width:] == Vocabulary.pad_id).all()
         assert torch.allclose(early.scores, full.scores[:, :n])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_default_stop_rule_is_the_exhaustive_one_cut_short(alpha):
+    """The default stop (no open beam could enter the answer by ending at the next step)
+    costs fewer rows than the exhaustive bound; the exhaustive search continues the very same
+    beams, so its answer scores at least as well; without a length penalty both rules are
+    one and the same."""
+    dec, mem = make("gru", True, seed=1)
+    with torch.no_grad():
+        dec.output.bias[Vocabulary.end_id] = 1.0
+    rows = count_rows(dec)
+    quick = beam_search(dec, mem, beam_size=3, max_length=25, alpha=alpha)
+    quick_rows, rows[:] = sum(rows), []
+    full = beam_search(dec, mem, beam_size=3, max_length=25, alpha=alpha, exhaustive=True)
+    assert (full.scores[:, 0] >= quick.scores[:, 0] - 1e-6).all()
+    if alpha == 0:
+        assert quick_rows == sum(rows) and torch.equal(quick.tokens, full.tokens)
+    else:
+        assert quick_rows < sum(rows)
 
 
 def test_finished_log_prob_matches_rescoring():
