@@ -139,6 +139,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="turn a Lightning checkpoint into a model file")
     p.add_argument("checkpoint")
     p.add_argument("output")
+    p.add_argument("--average", nargs="+", default=[], metavar="CKPT",
+                   help="checkpoint averaging: export the mean of CHECKPOINT's weights and these "
+                        "checkpoints' (of the same run, e.g. the best and the last epoch)")
 
 
 def _add_ensemble(sub: argparse._SubParsersAction) -> None:

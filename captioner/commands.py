@@ -131,7 +131,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from captioner.export import export_checkpoint
     try:
-        export_checkpoint(args.checkpoint, args.output)
+        export_checkpoint(args.checkpoint, args.output, average=args.average)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CaptionerError(f"{args.checkpoint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     print(f"captioner: wrote {args.output}", file=sys.stderr)

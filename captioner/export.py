@@ -48,8 +48,45 @@ def _check_checkpoint(path: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, training: dict[str, Any] | None = None,
-                      scores: dict[str, Any] | None = None) -> None:
+                      scores: dict[str, Any] | None = None, average: list[str | Path] | tuple = ()) -> None:
+    """Write `checkpoint` as a model file; with `average`, its weights are first replaced by
+    the mean of its own and those checkpoints' (see `average_weights`)."""
     module = load_module(checkpoint)
     if module.vocabulary is None:
         raise ValueError("checkpoint has no vocabulary (not written by captioner train?)")
-    save_model(output, module.to_model_file({"checkpoint": str(checkpoint), **(training or {})}, scores))
+    provenance: dict[str, Any] = {"checkpoint": str(checkpoint)}
+    if average:
+        average_weights(module, list(average))
+        provenance["averaged_with"] = [str(p) for p in average]
+    save_model(output, module.to_model_file({**provenance, **(training or {})}, scores))
+
+
+def average_weights(module, others: list[str | Path]) -> None:
+    """Checkpoint averaging: set `module`'s weights (decoder, and encoder when fine-tuned) to
+    the mean of its own and `others`' (checkpoints of the same run, e.g. the best and the last
+    epoch). On Flickr8k it raised dev BLEU-4 at beam 3 by 0.008 (attention GRU-256) and 0.012
+    (GRU-512) at no inference cost (README, recipe experiments). Checkpoints must share the
+    decoder configuration, the encoder and the vocabulary; integer buffers keep `module`'s."""
+    import torch
+    state = module.state_dict()
+    total = {name: t.clone() for name, t in state.items() if t.is_floating_point()}
+    for path in others:
+        try:
+            other = load_module(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot average with {path}: {exc}") from None
+        mine, theirs = module.decoder.config.to_dict(), other.decoder.config.to_dict()
+        if mine != theirs:
+            differ = ", ".join(f"{k} {theirs[k]} vs {mine[k]}" for k in mine if mine[k] != theirs[k])
+            raise ValueError(f"cannot average with {path}: its decoder differs ({differ})")
+        if other.vocabulary is None or list(other.vocabulary.words) != list(module.vocabulary.words):
+            raise ValueError(f"cannot average with {path}: its vocabulary differs")
+        other_state = other.state_dict()
+        if set(other_state) != set(state) or any(other_state[n].shape != state[n].shape for n in state):
+            raise ValueError(f"cannot average with {path}: its weights have other names or shapes "
+                             "(a different encoder or fine-tuning setting)")
+        for name in total:
+            total[name] += other_state[name]
+    with torch.no_grad():
+        for name, summed in total.items():
+            state[name].copy_(summed / (len(others) + 1))

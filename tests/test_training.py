@@ -125,6 +125,51 @@ def test_export_round_trip_gives_identical_captions(trained, flickr8k_root):
         [r.caption for r in cap.caption(images, beam_size=1)]
 
 
+def test_export_averages_checkpoints_of_one_run(trained, flickr8k_root, tmp_path):
+    """`captioner export best.ckpt out --average other.ckpt` writes the mean of the two
+    checkpoints' weights, records where they came from, and captions. (The tiny run's best
+    checkpoint is its last, so the other point of the run is the best one moved by noise.)"""
+    tmp, _ = trained
+    out = tmp_path / "averaged.safetensors"
+    best, other = tmp / "ckpt" / "best.ckpt", tmp_path / "other.ckpt"
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in checkpoint["state_dict"].items():
+        if name.startswith("decoder.") and tensor.is_floating_point():
+            tensor.add_(0.01 * torch.randn(tensor.shape, generator=generator))
+    torch.save(checkpoint, other)
+    proc = subprocess.run([sys.executable, "-m", "captioner", "export", str(best), str(out), "--average", str(other)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_module(best).decoder.state_dict(), load_module(other).decoder.state_dict()
+    assert all(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    averaged = Captioner.load(out, device="cpu")
+    state = averaged.decoder.state_dict()
+    for name, tensor in a.items():
+        if tensor.is_floating_point() and name in state:
+            torch.testing.assert_close(state[name], (tensor + b[name]) / 2)
+    assert averaged.model.training["averaged_with"] == [str(other)]
+    results = averaged.caption([r.path for r in slice_records(flickr8k_root, 4)], beam_size=3)
+    assert all(r.ok and r.words for r in results)
+
+
+def test_export_average_refuses_a_checkpoint_of_another_vocabulary(trained, tmp_path):
+    tmp, _ = trained
+    checkpoint = torch.load(tmp / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint["vocabulary"] = [*checkpoint["vocabulary"][:-1], "zebra-crossing"]
+    other = tmp_path / "other.ckpt"
+    torch.save(checkpoint, other)
+    out = tmp_path / "o.safetensors"
+    for bad, reason in ((other, "its vocabulary differs"), (tmp_path / "no.ckpt", "no such checkpoint file")):
+        proc = subprocess.run([sys.executable, "-m", "captioner", "export", str(tmp / "ckpt" / "best.ckpt"), str(out),
+                               "--average", str(bad)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("captioner: error:"), proc.stderr
+        assert f"cannot average with {bad}: {reason}" in lines[0]
+        assert not out.exists()
+
+
 def test_export_refuses_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "captioner", "export", str(tmp_path / "no.ckpt"),
                            str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)

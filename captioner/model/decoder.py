@@ -88,7 +88,8 @@ class SoftAttention(nn.Module):
         b, cells = grid.shape[0], grid.shape[1]
         k = rows_per_image(hidden.shape[0], b)
         query = self.hidden_proj(hidden).view(b, k, 1, -1)                      # [B,K,1,A]
-        scores = self.score(torch.tanh(grid_proj.unsqueeze(1) + query)).view(b, k, cells)
+        energy = (grid_proj.unsqueeze(1) + query).tanh_()  # in place: the step's largest tensor
+        scores = self.score(energy).view(b, k, cells)
         alpha = torch.softmax(scores, dim=2)
         context = torch.bmm(alpha, grid).view(b * k, -1)                        # [B*K,C]
         return torch.sigmoid(self.gate(hidden)) * context, alpha.view(b * k, cells)
