@@ -58,6 +58,30 @@ def test_teacher_forcing_equals_step_by_step(cell, attention, layers):
         assert alphas is None
 
 
+@pytest.mark.parametrize("cell,attention", CONFIGS)
+def test_scheduled_sampling_feeds_back_the_decoders_own_words(cell, attention):
+    """sample_prob 0 through the step loop equals the fused teacher-forced path; sample_prob
+    ~1 feeds every word after <start> from the decoder's own previous argmax (free running),
+    and the loss still lines up with the reference targets."""
+    dec, mem = make(cell, attention)
+    caps, lengths = padded_batch()
+    forced, targets, _ = dec(mem, caps, lengths)
+    steps = lengths - 1
+    stepwise, _ = dec._forward_stepwise(caps[:, :-1], steps, dec.init_state(mem), mem)
+    mask = torch.arange(caps.shape[1] - 1)[None] < steps[:, None]
+    torch.testing.assert_close(dec.output(stepwise[mask]), forced, atol=1e-5, rtol=0)
+
+    free, free_targets, _ = dec(mem, caps, lengths, sample_prob=0.999999)
+    assert torch.equal(free_targets, targets)
+    state, tok, outs = dec.init_state(mem), caps[:, 0], []
+    for _ in range(caps.shape[1] - 1):
+        logits, state, _ = dec.step(tok, state, mem)
+        outs.append(logits)
+        tok = logits.argmax(1)
+    torch.testing.assert_close(free, torch.stack(outs, 1)[mask], atol=1e-5, rtol=0)
+    assert not torch.allclose(free, forced, atol=1e-3)
+
+
 def test_padding_does_not_change_results():
     dec, mem = make("lstm", True)
     caps, lengths = padded_batch()

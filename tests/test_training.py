@@ -170,6 +170,26 @@ def test_export_average_refuses_a_checkpoint_of_another_vocabulary(trained, tmp_
         assert not out.exists()
 
 
+def test_scheduled_sampling_applies_in_training_only():
+    from captioner.model.module import CaptioningModule
+    with pytest.raises(ValueError, match="scheduled_sampling must be in"):
+        CaptioningModule(vocab_size=30, feature_dim=8, scheduled_sampling=1.0)
+    torch.manual_seed(0)
+    module = CaptioningModule(vocab_size=30, feature_dim=8, cell="gru", embed_dim=8, hidden_dim=16,
+                              dropout=0.0, scheduled_sampling=0.5)
+    captions = torch.randint(4, 30, (6, 9))
+    captions[:, 0] = 1
+    batch = {"pooled": torch.randn(6, 8), "captions": captions, "lengths": torch.full((6,), 9)}
+    module.eval()
+    teacher_forced = module.loss(batch)[0]
+    module.train()
+    torch.manual_seed(1)
+    sampled = module.loss(batch)[0]
+    module.hparams.scheduled_sampling = 0.0
+    assert torch.allclose(module.loss(batch)[0], teacher_forced)  # p = 0: plain teacher forcing
+    assert not torch.allclose(sampled, teacher_forced)
+
+
 def test_export_refuses_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "captioner", "export", str(tmp_path / "no.ckpt"),
                            str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)

@@ -201,10 +201,16 @@ class CaptionDecoder(nn.Module):
         return new[0], tuple(t.unsqueeze(0) for t in new)
 
     # ---- training --------------------------------------------------------------------------
-    def forward(self, memory: Memory, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, memory: Memory, captions: Tensor, lengths: Tensor,
+                sample_prob: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
         """Teacher forcing. captions [B,T] = <start> w1 .. <end> <pad>..., lengths [B] count
         <start>..<end>. Returns logits [N,V] and targets [N] for the N real (non-pad) target
         positions only, and attention [B,T-1,L] (zeros past each caption) or None.
+
+        `sample_prob` > 0 is scheduled sampling (Bengio et al. 2015): after the first word,
+        each input word is, with that probability, the decoder's own most probable word at the
+        previous step instead of the reference's, so training sees the decoder's own
+        mistakes as at inference. It runs step by step (the fused RNN kernel cannot feed back).
 
         Padding costs little: the output layer (the biggest matmul) only sees real
         positions; with attention the batch is sorted by length and shrinks as captions end;
@@ -216,10 +222,10 @@ class CaptionDecoder(nn.Module):
         inputs, targets = captions[:, :-1], captions[:, 1:]
         steps = (lengths - 1).clamp(min=1)
         state = self.init_state(memory)
-        if self.attention is None:
+        if self.attention is None and sample_prob == 0:
             hidden, alphas = self._forward_padded(inputs, state), None
         else:
-            hidden, alphas = self._forward_attention(inputs, steps, state, memory)
+            hidden, alphas = self._forward_stepwise(inputs, steps, state, memory, sample_prob)
         mask = torch.arange(inputs.shape[1], device=captions.device)[None, :] < steps[:, None]
         logits = self.output(self.dropout(hidden[mask]))
         return logits, targets[mask], alphas
@@ -229,23 +235,35 @@ class CaptionDecoder(nn.Module):
         hidden, _ = self.rnn(self.embedding(inputs), rnn_state)
         return hidden  # [B,T-1,H]
 
-    def _forward_attention(self, inputs: Tensor, steps: Tensor, state: State, memory: Memory) -> tuple[Tensor, Tensor]:
+    def _forward_stepwise(self, inputs: Tensor, steps: Tensor, state: State, memory: Memory,
+                          sample_prob: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        # One step at a time (attention, scheduled sampling): captions sorted by length so the
+        # batch shrinks as they end.
         b, t = inputs.shape
         order = torch.argsort(steps, descending=True)
         inverse = torch.argsort(order)
         steps_sorted = steps[order]
         memory = Memory(*(None if x is None else x[order] for x in memory))
         state = tuple(s[:, order] for s in state)
-        embedded = self.embedding(inputs[order])
-        hidden = embedded.new_zeros(b, t, self.config.hidden_dim)
-        alphas = embedded.new_zeros(b, t, memory.grid.shape[1])
+        inputs = inputs[order]
+        hidden = memory.pooled.new_zeros(b, t, self.config.hidden_dim)
+        alphas = None if memory.grid is None else memory.pooled.new_zeros(b, t, memory.grid.shape[1])
         active_counts = (steps_sorted[None, :] > torch.arange(t, device=inputs.device)[:, None]).sum(1).tolist()
+        previous = None  # the decoder's own best words at the last step
         for i, n in enumerate(active_counts):
             if n == 0:
                 break
-            mem = Memory(memory.grid[:n], memory.grid_proj[:n], memory.pooled[:n])
-            out, new_state, alpha = self._advance(embedded[:n, i], tuple(s[:, :n] for s in state), mem)
+            words = inputs[:n, i]
+            if previous is not None and sample_prob > 0:
+                own = torch.rand(n, device=words.device) < sample_prob
+                words = torch.where(own, previous[:n], words)
+            mem = Memory(*(None if x is None else x[:n] for x in memory))
+            out, new_state, alpha = self._advance(self.embedding(words), tuple(s[:, :n] for s in state), mem)
             state = tuple(torch.cat([ns, s[:, n:]], dim=1) for ns, s in zip(new_state, state))
             hidden[:n, i] = out
-            alphas[:n, i] = alpha
-        return hidden[inverse], alphas[inverse]
+            if alphas is not None:
+                alphas[:n, i] = alpha
+            if sample_prob > 0:
+                with torch.no_grad():
+                    previous = self.output(out).argmax(dim=1)
+        return hidden[inverse], None if alphas is None else alphas[inverse]

@@ -36,6 +36,7 @@ class CaptioningModule(pl.LightningModule):
         dropout: float = 0.5,
         alpha_c: float = 1.0,
         label_smoothing: float = 0.0,
+        scheduled_sampling: float = 0.0,
         lr: float = 4e-4,
         weight_decay: float = 0.0,
         lr_schedule: str = "plateau",
@@ -57,7 +58,8 @@ class CaptioningModule(pl.LightningModule):
         features has converged. Its decoder config, vocabulary and encoder must match this
         run's; a resumed run (--ckpt_path) takes its weights from the checkpoint instead.
         `finetune_train_mode=False` keeps the opened blocks in eval mode while they learn
-        (fixed BatchNorm statistics, no drop-connect).
+        (fixed BatchNorm statistics, no drop-connect). `scheduled_sampling`: the probability
+        of feeding the decoder its own previous word in training (`CaptionDecoder.forward`).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -68,6 +70,8 @@ class CaptioningModule(pl.LightningModule):
             raise ValueError(f"lr_schedule must be plateau | cosine | none, got {lr_schedule!r}")
         if mode not in ("features", "images"):
             raise ValueError(f"mode must be features | images, got {mode!r}")
+        if not 0.0 <= scheduled_sampling < 1.0:
+            raise ValueError(f"scheduled_sampling must be in [0, 1), got {scheduled_sampling}")
         self.decoder = CaptionDecoder(DecoderConfig(
             vocab_size=vocab_size, feature_dim=feature_dim, cell=cell, attention=attention,
             embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
@@ -136,7 +140,8 @@ class CaptioningModule(pl.LightningModule):
 
     # ---- training --------------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, targets, alphas = self.decoder(self.memory(batch), batch["captions"], batch["lengths"])
+        logits, targets, alphas = self.decoder(self.memory(batch), batch["captions"], batch["lengths"],
+                                               sample_prob=self.hparams.scheduled_sampling if self.training else 0.0)
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
         parts = {"ce": ce}
         total = ce
