@@ -132,6 +132,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
     state = repeat_state(decoder.init_state(memory), k)
     vocab = decoder.config.vocab_size
     neg_inf = float("-inf")
+    penalties = length_penalty(torch.arange(1, max_length + 1), alpha).tolist()  # [length - 1]
 
     # The images still searching (their indices into the batch) and their open beams.
     alive = torch.arange(b, device=device)
@@ -162,7 +163,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         step_logp[..., Vocabulary.start_id] = neg_inf
         step_logp[..., Vocabulary.unk_id] = neg_inf  # "<unk>" is not a word a caption may say
         cand_logp = (log_probs[..., None] + step_logp).view(n, k * vocab)
-        penalty = length_penalty(torch.tensor(t + 1), alpha).item()
+        penalty = penalties[t]
         top_logp, top_index = cand_logp.topk(min(2 * k, k * vocab), dim=1)   # [n,2K]
         parent, word = top_index // vocab, top_index % vocab
         ends = word == Vocabulary.end_id
@@ -206,7 +207,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         # 3. an image is done when no open beam can still enter the n-best of its pool (the
         #    rest of the pool is never returned); its rows leave the batch.
         bound_length = max_length if exhaustive else min(t + 2, max_length)
-        bound = log_probs.max(dim=1).values / length_penalty(torch.tensor(bound_length), alpha).item()
+        bound = log_probs.max(dim=1).values / penalties[bound_length - 1]
         searching = bound >= merged_score[:, n_best - 1]
         if t == max_length - 1:  # out of steps: the open beams of the images still searching are kept
             last = alive[searching]
