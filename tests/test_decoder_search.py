@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory
+from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory, SoftAttention
 from captioner.model.search import beam_search, greedy, length_penalty, repeat_state, sample
 from captioner.text import Vocabulary
 
@@ -140,6 +140,27 @@ def test_rnn_cell_is_plain_tanh_rnn():
     assert torch.allclose(h1[0], manual, atol=1e-6)
 
 
+def test_attention_is_show_attend_and_tell_soft_attention():
+    """The sigmoid form computed for speed is the textbook tanh attention: same context,
+    weights and gradients (Xu et al. 2015: alpha = softmax(w . tanh(W_v v + W_h h) + b),
+    context = sigmoid(W_b h) * sum(alpha v))."""
+    torch.manual_seed(0)
+    att = SoftAttention(feature_dim=16, hidden_dim=12, attention_dim=10)
+    grid, hidden = torch.randn(3, 6, 16, requires_grad=True), torch.randn(6, 12, requires_grad=True)  # K = 2
+
+    context, alpha = att(grid, att.project_grid(grid), hidden)
+    rows_grid = grid.repeat_interleave(2, dim=0)
+    energy = torch.tanh(att.encoder_proj(rows_grid) + att.hidden_proj(hidden)[:, None, :])
+    ref_alpha = torch.softmax(att.score(energy).squeeze(2), dim=1)
+    ref_context = torch.sigmoid(att.gate(hidden)) * (ref_alpha[:, :, None] * rows_grid).sum(1)
+    assert torch.allclose(alpha, ref_alpha, atol=1e-6) and torch.allclose(context, ref_context, atol=1e-6)
+
+    ours = torch.autograd.grad(context.square().sum(), [grid, hidden, *att.parameters()], allow_unused=True)
+    ref = torch.autograd.grad(ref_context.square().sum(), [grid, hidden, *att.parameters()], allow_unused=True)
+    for a, b in zip(ours, ref):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="cell"):
         DecoderConfig(vocab_size=10, feature_dim=4, cell="transformer")
@@ -202,8 +223,9 @@ def test_finished_images_leave_the_batch():
         dec.output.bias[Vocabulary.end_id] = 0.5  # captions end, at different steps per image
     rows = count_rows(dec)
     together = beam_search(dec, mem, beam_size=3, max_length=20, alpha=1.0, return_attention=True)
-    assert rows[0] == 15 and rows == sorted(rows, reverse=True) and rows[-1] < 15
-    assert all(r % 3 == 0 for r in rows)  # whole images leave: 3 beams each
+    assert rows[0] == 5  # the first step: one row per image (its 3 beams start identical)
+    assert rows[1] == 15 and rows[1:] == sorted(rows[1:], reverse=True) and rows[-1] < 15
+    assert all(r % 3 == 0 for r in rows[1:])  # whole images leave: 3 beams each
     for i in range(5):
         alone = beam_search(dec, type(mem)(*(t[i:i + 1] for t in mem)), beam_size=3, max_length=20,
                             alpha=1.0, return_attention=True)
