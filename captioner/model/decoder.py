@@ -179,7 +179,7 @@ class CaptionDecoder(nn.Module):
     def _advance_folded(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
         # _advance with the word half of the input projection looked up (fold_embedding): the
         # cell's input is the attention context alone (or nothing), its input bias the rows.
-        gates = self._token_gates[tokens]
+        gates = self._token_gates.index_select(0, tokens)
         if self.attention is None:
             alpha, x, weight = None, gates.new_zeros(gates.shape[0], 0), gates.new_zeros(gates.shape[1], 0)
         else:
