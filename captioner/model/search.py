@@ -137,6 +137,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
     penalties = length_penalty(torch.arange(1, max_length + 1), alpha).tolist()  # [length - 1]
 
     # The images still searching (their indices into the batch) and their open beams.
+    owns_memory = False  # whether `memory` is our own copy (then images leave it in place)
     alive = torch.arange(b, device=device)
     log_probs = torch.zeros(b, k, device=device)
     log_probs[:, 1:] = neg_inf  # all beams start identical: expand only the first
@@ -224,13 +225,16 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         if not bool(searching.any()):
             break
         if not bool(searching.all()):
-            # index_select, not boolean indexing: 5x faster on CPU for the [n,L,C] grid
-            keep = searching.nonzero().squeeze(1)
-            alive, log_probs, history = alive[keep], log_probs.index_select(0, keep), history.index_select(0, keep)
+            order, holes, movers = _compaction(searching)
+            alive, log_probs, history = alive[order], log_probs.index_select(0, order), history.index_select(0, order)
             if attention is not None:
-                attention = attention.index_select(0, keep)
-            rows, tokens = rows.view(n, k).index_select(0, keep).view(-1), tokens.view(n, k).index_select(0, keep).view(-1)
-            memory = Memory(*(None if x is None else x.index_select(0, keep) for x in memory))
+                attention = attention.index_select(0, order)
+            rows, tokens = rows.view(n, k).index_select(0, order).view(-1), tokens.view(n, k).index_select(0, order).view(-1)
+            if owns_memory:  # move the few images that fill the holes; the rest stays put
+                memory = Memory(*(None if x is None else x.index_copy_(0, holes, x.index_select(0, movers))[:order.numel()]
+                                  for x in memory))
+            else:  # the caller's tensors: copy once, in the new order
+                memory, owns_memory = Memory(*(None if x is None else x.index_select(0, order) for x in memory)), True
         state = tuple(s_.index_select(1, rows) for s_ in state)
 
     # Open beams (kept only where the pool never filled) rank after every finished hypothesis.
@@ -251,6 +255,21 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         result_att = pick_rows(torch.cat([pool_att, open_att], dim=1))[:, :, :width]
     return SearchResult(pick_rows(all_tokens)[:, :, :width], all_logp.gather(1, order), all_score.gather(1, order),
                         all_len.gather(1, order), result_att)
+
+
+def _compaction(searching: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """How the m images still searching take positions 0..m-1 while moving as few as
+    possible: those already there stay, those past m fill the holes left by leaving ones
+    (new position j holds old position order[j]; holes[i] receives movers[i]). Compacting the
+    [n,49,1280] grid by a full copy each time an image left was 2.5% of beam search on CPU.
+    All tensors indexed by the images are reordered alike, so results are unchanged."""
+    keep = searching.nonzero().squeeze(1)
+    m = keep.numel()
+    holes = (~searching[:m]).nonzero().squeeze(1)
+    movers = keep[keep >= m]
+    order = torch.arange(m, device=searching.device)
+    order[holes] = movers
+    return order, holes, movers
 
 
 def decode_batch(decoder: CaptionDecoder, memory: Memory, *, beam_size: int = 3, max_length: int = 30,
