@@ -235,6 +235,31 @@ def test_finished_images_leave_the_batch():
         assert torch.allclose(alone.attention[0], together.attention[i, :, :n], atol=1e-5)
 
 
+def test_images_leaving_in_stages_keep_their_own_results_and_the_callers_memory():
+    """Images leave at five different steps; the stayers are moved into the leavers' places
+    in search's own copy of the memory. Each image's answer is still its own, and the
+    caller's memory tensors are never written."""
+    torch.manual_seed(1)
+    cfg = DecoderConfig(vocab_size=40, feature_dim=16, cell="gru", attention=True, embed_dim=8,
+                        hidden_dim=12, attention_dim=10, dropout=0.0)
+    dec = CaptionDecoder(cfg).eval()
+    grid = torch.randn(12, 6, 16) * 3
+    mem = dec.memory(grid, grid.mean(1))
+    with torch.no_grad():
+        dec.output.bias[Vocabulary.end_id] = 0.5
+    untouched = [t.clone() for t in mem]
+    rows = count_rows(dec)
+    together = beam_search(dec, mem, beam_size=3, max_length=20, alpha=1.0, return_attention=True)
+    assert len(set(rows[1:])) >= 5  # 36 -> ... -> 3: several compactions
+    assert all(torch.equal(a, b) for a, b in zip(untouched, mem))
+    for i in range(12):
+        alone = beam_search(dec, type(mem)(*(t[i:i + 1] for t in mem)), beam_size=3, max_length=20,
+                            alpha=1.0, return_attention=True)
+        n = alone.tokens.shape[2]
+        assert torch.equal(alone.tokens[0], together.tokens[i, :, :n])
+        assert torch.allclose(alone.attention[0], together.attention[i, :, :n], atol=1e-5)
+
+
 def test_n_best_search_stops_no_earlier_than_its_answer_allows():
     """Stopping once the n best finished hypotheses are settled (exhaustive bound) returns
     exactly the top n of a search that settles all K."""
