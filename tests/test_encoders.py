@@ -107,6 +107,17 @@ def test_grid_follows_input_size(lite0):
         assert lite0(torch.randn(1, 3, 256, 320)).grid.shape == (1, 8 * 10, 1280)
 
 
+def test_lite0_at_320_is_the_same_network_fed_larger_images(lite0):
+    big = build_encoder("efficientnet-lite0-320")
+    assert (big.name, big.feature_dim, big.grid_size, big.weights_id) == (
+        "efficientnet-lite0-320", 1280, 100, lite0.weights_id)
+    assert big.preprocessing.size == 320 and big.spec()["preprocessing"]["size"] == 320
+    assert big.weights_digest() == lite0.weights_digest()
+    photo = Image.new("RGB", (500, 375), (120, 60, 30))
+    assert big.preprocessing.transform()(photo).shape == (3, 320, 320)
+    assert encoder_preprocessing("efficientnet-lite0-320").size == 320
+
+
 def test_freeze_and_trainable_tail():
     enc = build_encoder("efficientnet-lite0", pretrained=False)
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
