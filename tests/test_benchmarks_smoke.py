@@ -84,6 +84,9 @@ def test_caption_throughput(tiny_models, flickr8k_root, capsys):
     assert set(out["images_per_s"]) >= {"encoder_only", "beam1", "beam3", "search_only_beam3",
                                         "load_and_preprocess_only"}
     assert set(out["ratio_to_encoder_only"]) == {"beam1", "beam3"}
+    # one round: the median of paired ratios is that round's ratio, the ratio of the medians
+    paired, unpaired = out["ratio_to_encoder_only"]["beam3"], out["ratio_of_median_throughputs"]["beam3"]
+    assert abs(paired - unpaired) <= 0.01 * unpaired
     assert out["sizes"]["images"] == 3 and isinstance(out["target"]["met"], bool)
 
 
