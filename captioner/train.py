@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -24,22 +25,46 @@ from captioner.export import load_module
 from captioner.modelfile import ModelFileError, save_model
 
 class ExportModelFile(pl.Callback):
-    """On fit end, write the best checkpoint's weights as a model file (rank 0 only)."""
+    """On fit end, write the best checkpoint's weights as a model file (rank 0 only).
+
+    The best of the whole run, also when it was resumed with --ckpt_path: the resumed run's
+    loggers open a new version directory, the checkpoints' directory moves with them, and
+    Lightning then forgets the checkpoint callback's best score ("dirpath has changed"), so
+    by itself it would offer the best of the resumed epochs only. The resumed checkpoint
+    still records the earlier best; `on_load_checkpoint` keeps it for the comparison."""
 
     def __init__(self, output: str = "models/model.safetensors") -> None:
         self.output = output
         self._started = time.time()
+        self._earlier_best: tuple[str, float] | None = None  # (path, score) before a resume
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.time()
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        ckpt = trainer.checkpoint_callback
+        state = checkpoint.get("callbacks", {}).get(ckpt.state_key) if ckpt is not None else None
+        if state and state.get("best_model_path") and state.get("best_model_score") is not None:
+            self._earlier_best = (state["best_model_path"], float(state["best_model_score"]))
+
+    def best_checkpoint(self, trainer: pl.Trainer) -> tuple[str, float | None]:
+        """(path, score) of the run's best checkpoint; ("", None) when there is none."""
+        ckpt = trainer.checkpoint_callback
+        path = getattr(ckpt, "best_model_path", "") if ckpt else ""
+        score = float(ckpt.best_model_score) if path and ckpt.best_model_score is not None else None
+        if self._earlier_best and Path(self._earlier_best[0]).is_file():
+            earlier_path, earlier = self._earlier_best
+            sign = -1.0 if getattr(ckpt, "mode", "max") == "min" else 1.0
+            if score is None or sign * earlier > sign * score:
+                return earlier_path, earlier
+        return path, score
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: CaptioningModule) -> None:
         if not trainer.is_global_zero:
             return
-        ckpt = trainer.checkpoint_callback
-        best = getattr(ckpt, "best_model_path", "") if ckpt else ""
+        best, score = self.best_checkpoint(trainer)
         module = load_module(best) if best else pl_module
-        scores = {"dev_bleu4_best": float(ckpt.best_model_score)} if best and ckpt.best_model_score is not None else {}
+        scores = {"dev_bleu4_best": score} if score is not None else {}
         training = {"checkpoint": best, "epochs": trainer.current_epoch,
                     "wall_seconds": round(time.time() - self._started, 1),
                     "datamodule": _jsonable(trainer.datamodule.hparams) if trainer.datamodule else {},

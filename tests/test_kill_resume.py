@@ -309,3 +309,60 @@ def test_shipped_checkpoint_settings_refresh_last_ckpt_every_epoch(dataset, refe
     config.write_text(yaml.safe_dump(settings))
     run("train", "--config", config)
     assert checkpoint_epoch(tmp_path / "ckpt" / "last.ckpt") == 2
+
+
+def test_resumed_run_exports_the_best_checkpoint_of_the_whole_run(dataset, reference_cache, tmp_path):
+    """The shipped configs give their checkpoints no dirpath (they live in the logger's
+    version_N/checkpoints). A resumed run logs into version_N+1, its checkpoints move there and
+    Lightning forgets the best score so far; the export still compares against it."""
+    shipped = yaml.safe_load((REPO / "configs" / "flickr8k-lstm.yaml").read_text())
+    config = train_config(tmp_path, dataset, reference_cache, max_epochs=2)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"] = [  # the shipped checkpoint callbacks as they are, + export
+        c for c in shipped["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")
+    ] + [c for c in settings["trainer"]["callbacks"] if c["class_path"].endswith("ExportModelFile")]
+    config.write_text(yaml.safe_dump(settings))
+    run("train", "--config", config)
+    first = tmp_path / "run" / "csv" / "version_0"
+    from captioner.modelfile import load_model
+
+    # Resumed with nothing left to train: Lightning alone would know no best score at all.
+    run("train", "--config", config, "--ckpt_path", first / "checkpoints" / "last.ckpt")
+    exported = load_model(tmp_path / "model.safetensors")
+    assert Path(exported.training["checkpoint"]).parent == first / "checkpoints"
+    assert "dev_bleu4_best" in exported.scores
+
+    run("train", "--config", config, "--trainer.max_epochs", 4, "--ckpt_path", first / "checkpoints" / "last.ckpt")
+    scores = []
+    for version in (0, 2):  # version_1: the resume with nothing left to train
+        with open(tmp_path / "run" / "csv" / f"version_{version}" / "metrics.csv") as fh:
+            scores += [float(r["val/bleu4"]) for r in csv.DictReader(fh) if r.get("val/bleu4")]
+    assert len(scores) == 4  # two epochs, then two more; the first run's log is left as it was
+    exported = load_model(tmp_path / "model.safetensors")
+    assert exported.scores["dev_bleu4_best"] == pytest.approx(max(scores))
+    assert Path(exported.training["checkpoint"]).is_file()
+
+
+@pytest.mark.parametrize("mode,earlier,later,expected", [
+    ("max", 0.192, 0.176, "earlier"), ("max", 0.150, 0.176, "later"), ("min", 2.0, 2.5, "earlier"),
+    ("max", 0.192, None, "earlier")])
+def test_export_compares_the_best_before_a_resume_with_the_best_after(tmp_path, mode, earlier, later, expected):
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from captioner.train import ExportModelFile
+
+    before, after = tmp_path / "v0-best.ckpt", tmp_path / "v1-best.ckpt"
+    before.write_bytes(b"x")
+    after.write_bytes(b"x")
+    ckpt = ModelCheckpoint(monitor="val/bleu4", mode=mode)
+    trainer = type("Trainer", (), {"checkpoint_callback": ckpt})()
+    export = ExportModelFile(str(tmp_path / "model.safetensors"))
+    export.on_load_checkpoint(trainer, None, {"callbacks": {ckpt.state_key: {
+        "best_model_path": str(before), "best_model_score": torch.tensor(earlier)}}})
+    ckpt.best_model_path = str(after) if later is not None else ""
+    ckpt.best_model_score = torch.tensor(later) if later is not None else None
+    path, score = export.best_checkpoint(trainer)
+    assert (path, score) == ((str(before), pytest.approx(earlier)) if expected == "earlier" else (str(after), pytest.approx(later)))
+    before.unlink()  # a best file that is gone is never offered
+    assert export.best_checkpoint(trainer)[0] == (str(after) if later is not None else "")
