@@ -190,6 +190,20 @@ def test_scheduled_sampling_applies_in_training_only():
     assert not torch.allclose(sampled, teacher_forced)
 
 
+def test_scheduled_sampling_rises_over_the_ramp_epochs(monkeypatch):
+    from captioner.model.module import CaptioningModule
+    with pytest.raises(ValueError, match="scheduled_sampling_ramp_epochs"):
+        CaptioningModule(vocab_size=30, feature_dim=8, scheduled_sampling=0.2, scheduled_sampling_ramp_epochs=-1)
+    module = CaptioningModule(vocab_size=30, feature_dim=8, scheduled_sampling=0.4, scheduled_sampling_ramp_epochs=4)
+    probs = []
+    for epoch in (0, 1, 2, 4, 9):
+        monkeypatch.setattr(CaptioningModule, "current_epoch", property(lambda self, e=epoch: e))
+        probs.append(module.sample_prob())
+    assert probs == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.4])
+    flat = CaptioningModule(vocab_size=30, feature_dim=8, scheduled_sampling=0.4)
+    assert flat.sample_prob() == 0.4  # no ramp: the same from the first epoch
+
+
 def test_export_refuses_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "captioner", "export", str(tmp_path / "no.ckpt"),
                            str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)

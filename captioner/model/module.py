@@ -37,6 +37,7 @@ class CaptioningModule(pl.LightningModule):
         alpha_c: float = 1.0,
         label_smoothing: float = 0.0,
         scheduled_sampling: float = 0.0,
+        scheduled_sampling_ramp_epochs: int = 0,
         lr: float = 4e-4,
         weight_decay: float = 0.0,
         lr_schedule: str = "plateau",
@@ -59,7 +60,10 @@ class CaptioningModule(pl.LightningModule):
         run's; a resumed run (--ckpt_path) takes its weights from the checkpoint instead.
         `finetune_train_mode=False` keeps the opened blocks in eval mode while they learn
         (fixed BatchNorm statistics, no drop-connect). `scheduled_sampling`: the probability
-        of feeding the decoder its own previous word in training (`CaptionDecoder.forward`).
+        of feeding the decoder its own previous word in training (`CaptionDecoder.forward`);
+        with `scheduled_sampling_ramp_epochs` N > 0 it rises linearly from 0 at the first
+        epoch to that value at epoch N (Bengio et al. 2015 raise it as the model learns: early
+        on, its own words are noise).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -72,6 +76,8 @@ class CaptioningModule(pl.LightningModule):
             raise ValueError(f"mode must be features | images, got {mode!r}")
         if not 0.0 <= scheduled_sampling < 1.0:
             raise ValueError(f"scheduled_sampling must be in [0, 1), got {scheduled_sampling}")
+        if scheduled_sampling_ramp_epochs < 0:
+            raise ValueError(f"scheduled_sampling_ramp_epochs must be >= 0, got {scheduled_sampling_ramp_epochs}")
         self.decoder = CaptionDecoder(DecoderConfig(
             vocab_size=vocab_size, feature_dim=feature_dim, cell=cell, attention=attention,
             embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
@@ -139,9 +145,14 @@ class CaptioningModule(pl.LightningModule):
         return self.decoder.memory(grid.float() if grid is not None else None, pooled.float())
 
     # ---- training --------------------------------------------------------------------------
+    def sample_prob(self) -> float:
+        """This epoch's scheduled-sampling probability (see __init__)."""
+        p, ramp = self.hparams.scheduled_sampling, self.hparams.get("scheduled_sampling_ramp_epochs", 0)
+        return p if ramp <= 0 else p * min(1.0, self.current_epoch / ramp)
+
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         logits, targets, alphas = self.decoder(self.memory(batch), batch["captions"], batch["lengths"],
-                                               sample_prob=self.hparams.scheduled_sampling if self.training else 0.0)
+                                               sample_prob=self.sample_prob() if self.training else 0.0)
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
         parts = {"ce": ce}
         total = ce
