@@ -312,11 +312,15 @@ def _lite0_body(net: nn.Module) -> nn.Sequential:
     return nn.Sequential(stem, *net._blocks, head)
 
 
-def _build_lite0(pretrained: bool, size: int = 224) -> Encoder:
+def _lite0_name(size: int) -> str:
+    """The registry name, which model files record, of lite0 fed size x size images."""
+    return LITE0 if size == LITE0_PREPROCESSING.size else f"{LITE0}-{size}"
+
+
+def _build_lite0(pretrained: bool, size: int = LITE0_PREPROCESSING.size) -> Encoder:
     net = load_efficientnet_lite0(pretrained)
     weights_id = _lite0_weights_path().name if pretrained else "random"
-    name = LITE0 if size == 224 else f"{LITE0}-{size}"
-    return Encoder(name, _lite0_body(net), replace(LITE0_PREPROCESSING, size=size), weights_id)
+    return Encoder(_lite0_name(size), _lite0_body(net), replace(LITE0_PREPROCESSING, size=size), weights_id)
 
 
 # The same network and weights fed larger images: a finer grid for attention (320 px: 10x10
@@ -409,7 +413,7 @@ _TORCHVISION_NAMES = (
 
 ENCODERS: dict[str, Callable[[bool], Encoder]] = {
     LITE0: _build_lite0,
-    **{f"{LITE0}-{size}": functools.partial(_build_lite0, size=size) for size in LITE0_SIZES},
+    **{_lite0_name(size): functools.partial(_build_lite0, size=size) for size in LITE0_SIZES},
     **{name: _torchvision_builder(name) for name in _TORCHVISION_NAMES},
 }
 
