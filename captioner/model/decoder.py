@@ -159,7 +159,8 @@ class CaptionDecoder(nn.Module):
         return Memory(grid, self.attention.project_grid(grid), pooled)
 
     def init_state(self, memory: Memory) -> State:
-        """The state of one row per image (search repeats it for K beams or samples)."""
+        """The state of one row per image (search's first step runs on it; later steps carry
+        K rows per image, see Memory)."""
         c, b = self.config, memory.pooled.shape[0]
 
         def project(layer: nn.Linear) -> Tensor:  # [B,C] -> [layers,B,H]

@@ -40,7 +40,7 @@ def length_penalty(lengths: Tensor, alpha: float) -> Tensor:
 
 
 def repeat_state(state: State, k: int) -> State:
-    """Each image's state rows repeated k times (image-major), for k beams or samples; the
+    """Each image's state rows repeated k times (image-major), for k samples; the
     memory is not repeated (a step's K rows per image share its row)."""
     return state if k == 1 else tuple(s.repeat_interleave(k, dim=1) for s in state)
 
