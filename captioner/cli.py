@@ -101,6 +101,8 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
     p.add_argument("--attention-maps", metavar="DIR", default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("auto", "float32", "int8"), default="auto",
+                   help="decoder arithmetic; auto: int8 on a CPU with int8 kernels, else float32")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -119,6 +121,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="metrics JSON")
     p.add_argument("--predictions", default=None, help="predictions JSONL")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("auto", "float32", "int8"), default="auto",
+                   help="decoder arithmetic; auto: int8 on a CPU with int8 kernels, else float32")
 
 
 def _add_features(sub: argparse._SubParsersAction) -> None:

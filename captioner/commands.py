@@ -13,11 +13,11 @@ from pathlib import Path
 from captioner.cli import CaptionerError, error_line
 
 
-def _load_captioner(model: str | None, device: str):
+def _load_captioner(model: str | None, device: str, precision: str = "auto"):
     from captioner.api import Captioner
     from captioner.modelfile import ModelFileError
     try:
-        return Captioner.load(model, device=device)
+        return Captioner.load(model, device=device, precision=precision)
     except (ModelFileError, ValueError) as exc:
         raise CaptionerError(str(exc)) from None
 
@@ -36,7 +36,7 @@ def caption(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CaptionerError(f"{args.attention_maps}: cannot create the attention map directory "
                                  f"({exc.strerror or exc})") from None
-    captioner = _load_captioner(args.model, args.device)
+    captioner = _load_captioner(args.model, args.device, args.precision)
     beam_size, _ = captioner.search_settings(args.beam_size)
     if not args.sample and args.n_best > beam_size:
         raise CaptionerError(f"--n-best {args.n_best} needs --beam-size >= {args.n_best} "
@@ -106,9 +106,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from captioner.api import resolve_device
     from captioner.data.features import StaleCacheError
     from captioner.data.sources import DatasetError
+    from captioner.model.quantize import resolve_precision
     from captioner.modelfile import ModelFileError
     try:
-        resolve_device(args.device)
+        resolve_precision(args.precision, resolve_device(args.device))
     except ValueError as exc:
         raise CaptionerError(str(exc)) from None
     try:
@@ -116,7 +117,7 @@ def evaluate(args: argparse.Namespace) -> int:
             model=args.model, dataset=args.dataset, data_root=args.data_root, split=args.split,
             beam_size=args.beam_size, length_penalty=args.length_penalty, max_length=args.max_length,
             batch_size=args.batch_size, limit=args.limit, features=args.features, device=args.device,
-            output=args.output, predictions=args.predictions)
+            precision=args.precision, output=args.output, predictions=args.predictions)
     except (DatasetError, ModelFileError, StaleCacheError) as exc:
         raise CaptionerError(str(exc)) from None
     except KeyError as exc:  # FeatureCache.index_of: an image of the split is not in --features

@@ -13,14 +13,14 @@ from captioner.modelfile import atomic_write_text
 def evaluate_model(model: str | None, dataset: str, data_root: str, split: str = "test", beam_size: int | None = None,
                    length_penalty: float | None = None, max_length: int = 30, batch_size: int = 32,
                    limit: int | None = None, features: str | None = None, device: str = "auto",
-                   output: str | None = None, predictions: str | None = None,
+                   precision: str = "auto", output: str | None = None, predictions: str | None = None,
                    captioner: Captioner | None = None) -> dict:
     """BLEU of `model` on `split`; writes metrics / predictions atomically when asked.
     `beam_size` / `length_penalty` None: the model's own search settings."""
     records = [r for r in read_dataset(dataset, data_root, splits=[split]) if r.split == split][:limit]
     if not records:
         raise DatasetError(f"{data_root}: no images in split {split!r}")
-    captioner = captioner or Captioner.load(model, device=device)
+    captioner = captioner or Captioner.load(model, device=device, precision=precision)
     beam_size, length_penalty = captioner.search_settings(beam_size, length_penalty)
     search = dict(beam_size=beam_size, length_penalty=length_penalty, max_length=max_length)
     if features:
@@ -33,7 +33,8 @@ def evaluate_model(model: str | None, dataset: str, data_root: str, split: str =
         hyps = [r.caption for r in results]
     metrics = bleu_scores(hyps, [list(r.captions) for r in records])
     metrics.update(n_images=len(records), beam_size=beam_size, length_penalty=length_penalty,
-                   split=split, dataset=dataset, model=captioner.source)
+                   split=split, dataset=dataset, model=captioner.source,
+                   precision=captioner.precision)
     if output:
         atomic_write_text(output, json.dumps(metrics, indent=2) + "\n")
     if predictions:

@@ -225,7 +225,10 @@ def test_evaluate_problems_are_one_line_each(tmp_path, tiny_model_file, capsys):
     # and the good split still evaluates, writing its outputs
     rc, out, err = main_rc([*base, "--split", "dev", "--output", tmp_path / "m.json"], capsys)
     assert rc == 0 and out.startswith("BLEU1 ")
-    assert json.loads((tmp_path / "m.json").read_text())["n_images"] == 1
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n_images"] == 1 and metrics["precision"] in ("int8", "float32")
+    rc, _, _ = main_rc([*base, "--split", "dev", "--precision", "float32", "--output", tmp_path / "f.json"], capsys)
+    assert rc == 0 and json.loads((tmp_path / "f.json").read_text())["precision"] == "float32"
 
 
 # ------------------------------------------------------------------------------ train

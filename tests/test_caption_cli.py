@@ -136,3 +136,14 @@ def test_bad_decoding_metadata_is_refused(tiny_model_file, tmp_path):
         save_file(tensors, str(path), metadata={**meta, "decoding": bad})
         with pytest.raises(ModelFileError, match="damaged metadata"):
             Captioner.load(path, device="cpu")
+
+
+def test_precision_option():
+    """--precision float32 gives the float32 decoder's captions; a precision that does not exist
+    is a usage error."""
+    expected = Captioner.load(device="cpu", precision="float32").caption(DEMO[0], beam_size=2)[0].caption
+    proc = run_cli(str(DEMO[0]), "--beam-size", "2", "--precision", "float32", "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["caption"] == expected
+    proc = run_cli(str(DEMO[0]), "--precision", "int4")
+    assert proc.returncode == 2 and "--precision" in proc.stderr

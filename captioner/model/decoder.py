@@ -128,6 +128,10 @@ class CaptionDecoder(nn.Module):
         # Set by fold_embedding() (inference); never saved, dropped by .train().
         self.register_buffer("_token_gates", None, persistent=False)    # [V, gates]
         self.register_buffer("_context_weight", None, persistent=False)  # [gates, C] (attention)
+        # Set by captioner.model.quantize (int8 inference on CPU): the context's share of the
+        # input gates as an int8 product, in place of _context_weight.
+        self.context_gates: nn.Module | None = None
+        self.quantized = False
 
     # ---- inference interface ---------------------------------------------------------------
     def fold_embedding(self) -> CaptionDecoder:
@@ -146,6 +150,8 @@ class CaptionDecoder(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> CaptionDecoder:
+        if mode and self.quantized:
+            raise RuntimeError("an int8 decoder is for inference only: load the model file again to train it")
         if mode:
             self._token_gates = self._context_weight = None  # the weights are about to change
         return super().train(mode)
@@ -185,6 +191,9 @@ class CaptionDecoder(nn.Module):
             alpha, x, weight = None, gates.new_zeros(gates.shape[0], 0), gates.new_zeros(gates.shape[1], 0)
         else:
             (x, alpha), weight = self.attention(memory.grid, memory.grid_proj, state[0][-1]), self._context_weight
+            if self.context_gates is not None:  # int8: the context's product outside the cell
+                gates = gates + self.context_gates(x)
+                x, weight = gates.new_zeros(gates.shape[0], 0), gates.new_zeros(gates.shape[1], 0)
         return (*self._one_layer_step(x, state, weight, gates), alpha)
 
     def _advance(self, embedded: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:

@@ -221,6 +221,14 @@ class Encoder(nn.Module):
                     block.eval()
         return self
 
+    @property
+    def feature_range(self) -> tuple[float, float] | None:
+        """(min, max) every feature lies in when the body ends in a clipping activation
+        (lite0's ReLU6: (0, 6)); None when unbounded (ResNet's ReLU). Int8 inference pins its
+        activation scale to it (captioner/model/quantize.py)."""
+        last = list(self.body.modules())[-1]
+        return (float(last.min_val), float(last.max_val)) if isinstance(last, nn.Hardtanh) else None
+
     def weights_digest(self) -> str:
         """sha256 of every tensor in the state dict: the exact identity of these weights.
 
