@@ -93,6 +93,7 @@ def main(argv=None) -> dict:
         "machine": machine(str(captioner.device)),
         "model": str(model),
         "decoder": captioner.decoder.config.to_dict(),
+        "precision": captioner.precision,
         "sizes": {"images": n, "batch_size": args.batch_size, "beam_size": k, "max_length": args.max_length,
                   "repeats": args.repeats, "warmup": args.warmup, "features": str(args.features),
                   "cache_built_for_this_run": built, "dataset": "flickr8k test (first N)"},

@@ -12,7 +12,9 @@ by 20-30% over minutes (other tenants share its memory system), which a ratio of
 medians taken at different moments absorbs as noise; the paired one mostly cancels it.
 
 Also reported, to show where the time goes: the search alone on precomputed encoder
-features (per beam), and decode+preprocess alone (the thread pool, no network).
+features (per beam), and decode+preprocess alone (the thread pool, no network). When the
+captioner runs int8 decoder products (`--precision auto` on an x86 CPU), the float32 decoder
+runs in the same rounds at the beams of `--float32-beams`, so the two compare in one run.
 
     python benchmarks/bench_caption_throughput.py [--model FILE] [--images 256] [--batch-size 32]
 """
@@ -40,6 +42,9 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (interleaved); median reported")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "int8"))
+    p.add_argument("--float32-beams", default="3",
+                   help="comma list: also time the float32 decoder at these beams when --precision gives int8")
     add_threads_option(p)
     return p.parse_args(argv)
 
@@ -55,7 +60,9 @@ def main(argv=None) -> dict:
     model = model_path(args.model)
     paths = [r.path for r in flickr8k_records("test", args.images)]
     beams = [int(b) for b in args.beams.split(",")]
-    captioner = Captioner.load(model, device=args.device)
+    captioner = Captioner.load(model, device=args.device, precision=args.precision)
+    float32_beams = [int(b) for b in args.float32_beams.split(",") if b.strip()] if captioner.precision != "float32" else []
+    float32 = Captioner.load(model, device=args.device, precision="float32") if float32_beams else None
 
     def empty_search(grid, pooled, **_):  # what the baseline does instead of searching
         b = pooled.shape[0]
@@ -76,6 +83,7 @@ def main(argv=None) -> dict:
 
     cases = {"encoder_only": run(encoder_only, beam_size=1)}
     cases.update({f"beam{b}": run(captioner, beam_size=b, max_length=args.max_length) for b in beams})
+    cases.update({f"beam{b}_float32": run(float32, beam_size=b, max_length=args.max_length) for b in float32_beams})
     seconds = interleaved(cases, args.repeats, args.warmup)
 
     # Decomposition: the search alone on precomputed features, and load+preprocess alone.
@@ -86,8 +94,8 @@ def main(argv=None) -> dict:
             feats = captioner.encoder(pixels.to(captioner.device))
             batches.append((feats.grid, feats.pooled))
 
-    def search_only(b):
-        return lambda: [captioner.decode_features(g, p, beam_size=b, max_length=args.max_length)
+    def search_only(b, c=captioner):
+        return lambda: [c.decode_features(g, p, beam_size=b, max_length=args.max_length)
                         for g, p in batches]
 
     def preprocess_only():
@@ -97,22 +105,26 @@ def main(argv=None) -> dict:
             list(pool.map(captioner.preprocess, paths))
 
     parts = {f"search_only_beam{b}": search_only(b) for b in beams}
+    parts.update({f"search_only_beam{b}_float32": search_only(b, float32) for b in float32_beams})
     parts["load_and_preprocess_only"] = preprocess_only
     part_seconds = interleaved(parts, args.repeats, args.warmup)
 
     n = len(paths)
     ips = {name: round(n / summary(s)["median_s"], 2) for name, s in {**seconds, **part_seconds}.items()}
-    ratios = {f"beam{b}": round(statistics.median(e / s for e, s in zip(seconds["encoder_only"], seconds[f"beam{b}"])), 3)
-              for b in beams}
-    ratios_of_medians = {f"beam{b}": round(ips[f"beam{b}"] / ips["encoder_only"], 3) for b in beams}
+    searched = [f"beam{b}" for b in beams] + [f"beam{b}_float32" for b in float32_beams]
+    ratios = {name: round(statistics.median(e / s for e, s in zip(seconds["encoder_only"], seconds[name])), 3)
+              for name in searched}
+    ratios_of_medians = {name: round(ips[name] / ips["encoder_only"], 3) for name in searched}
     beam3 = ratios.get("beam3")
     return emit({
         "benchmark": "caption_throughput",
         "machine": machine(str(captioner.device)),
         "model": str(model),
         "decoder": captioner.decoder.config.to_dict(),
+        "precision": captioner.precision,
         "sizes": {"images": n, "batch_size": args.batch_size, "beams": beams, "max_length": args.max_length,
-                  "repeats": args.repeats, "warmup": args.warmup, "dataset": "flickr8k test (first N)"},
+                  "repeats": args.repeats, "warmup": args.warmup, "dataset": "flickr8k test (first N)",
+                  "float32_beams": float32_beams},
         "images_per_s": ips,
         "ratio_to_encoder_only": ratios,
         "ratio_of_median_throughputs": ratios_of_medians,
