@@ -26,12 +26,14 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--data-root", default="../shared/datasets/flickr8k")
     parser.add_argument("--features", default="cache/flickr8k-lite0")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "int8"),
+                        help="decoder arithmetic, as `captioner caption --precision` (auto: int8 on an x86 CPU)")
     parser.add_argument("--length-penalty", type=float, default=0.0)
     parser.add_argument("--beams", default="1,3,5")
     parser.add_argument("--decoding", default=None, help="BEAM,ALPHA chosen on dev: the model's defaults")
     parser.add_argument("--out", default=str(DEFAULT_MODEL))
     args = parser.parse_args()
-    captioner = Captioner.load(args.model, device="cpu")
+    captioner = Captioner.load(args.model, device="cpu", precision=args.precision)
     scores: dict = {}
     for split in ("dev", "test"):
         scores[split] = {}
@@ -42,6 +44,7 @@ def main() -> None:
             scores[split][f"beam{beam}"] = {k: round(m[k], 4) for k in ("bleu1", "bleu2", "bleu3", "bleu4")}
             scores[split][f"beam{beam}"]["seconds"] = round(time.perf_counter() - start, 1)
     scores["length_penalty"] = args.length_penalty
+    scores["precision"] = captioner.precision
     model = captioner.model
     model.scores = {**model.scores, **scores}
     if args.decoding:

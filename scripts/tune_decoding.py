@@ -26,11 +26,13 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--data-root", default="../shared/datasets/flickr8k")
     parser.add_argument("--features", default="cache/flickr8k-lite0")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "int8"),
+                        help="decoder arithmetic, as `captioner caption --precision` (auto: int8 on an x86 CPU)")
     parser.add_argument("--beams", default="1,2,3,5,8")
     parser.add_argument("--alphas", default="0,0.2,0.5,0.8,1.0")
     args = parser.parse_args()
     warnings.simplefilter("ignore", DatasetWarning)
-    captioner = Captioner.load(args.model, device="cpu")
+    captioner = Captioner.load(args.model, device="cpu", precision=args.precision)
     results = []
     for beam in (int(b) for b in floats(args.beams)):
         for alpha in floats(args.alphas):  # even one beam: the penalty ranks finished vs open hypotheses
