@@ -42,7 +42,7 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (interleaved); median reported")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "int8"))
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "int8"))  # quantize.PRECISIONS; parsed before torch loads
     p.add_argument("--float32-beams", default="3",
                    help="comma list: also time the float32 decoder at these beams when --precision gives int8")
     add_threads_option(p)

@@ -83,6 +83,12 @@ _split_name.__name__ = "split"
 _split_list.__name__ = "splits"
 
 
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    # The choices of captioner.model.quantize.PRECISIONS, spelled out: parsing imports no torch.
+    p.add_argument("--precision", choices=("auto", "float32", "int8"), default="auto",
+                   help="decoder arithmetic; auto: int8 on a CPU with int8 kernels, else float32")
+
+
 def _add_caption(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption image files, directories or globs")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, directories or globs")
@@ -101,8 +107,7 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
     p.add_argument("--attention-maps", metavar="DIR", default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=("auto", "float32", "int8"), default="auto",
-                   help="decoder arithmetic; auto: int8 on a CPU with int8 kernels, else float32")
+    _add_precision(p)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -121,8 +126,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="metrics JSON")
     p.add_argument("--predictions", default=None, help="predictions JSONL")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=("auto", "float32", "int8"), default="auto",
-                   help="decoder arithmetic; auto: int8 on a CPU with int8 kernels, else float32")
+    _add_precision(p)
 
 
 def _add_features(sub: argparse._SubParsersAction) -> None:

@@ -18,6 +18,7 @@ import time
 
 from captioner.api import DEFAULT_MODEL, Captioner
 from captioner.evaluation import evaluate_model
+from captioner.model.quantize import PRECISIONS
 from captioner.modelfile import save_model
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--data-root", default="../shared/datasets/flickr8k")
     parser.add_argument("--features", default="cache/flickr8k-lite0")
-    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "int8"),
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="decoder arithmetic, as `captioner caption --precision` (auto: int8 on an x86 CPU)")
     parser.add_argument("--length-penalty", type=float, default=0.0)
     parser.add_argument("--beams", default="1,3,5")

@@ -15,6 +15,7 @@ import warnings
 from captioner.api import Captioner
 from captioner.data.sources import DatasetWarning
 from captioner.evaluation import evaluate_model
+from captioner.model.quantize import PRECISIONS
 
 
 def floats(text: str) -> list[float]:
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--data-root", default="../shared/datasets/flickr8k")
     parser.add_argument("--features", default="cache/flickr8k-lite0")
-    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "int8"),
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="decoder arithmetic, as `captioner caption --precision` (auto: int8 on an x86 CPU)")
     parser.add_argument("--beams", default="1,2,3,5,8")
     parser.add_argument("--alphas", default="0,0.2,0.5,0.8,1.0")

@@ -187,13 +187,15 @@ class CaptionDecoder(nn.Module):
         # _advance with the word half of the input projection looked up (fold_embedding): the
         # cell's input is the attention context alone (or nothing), its input bias the rows.
         gates = self._token_gates.index_select(0, tokens)
-        if self.attention is None:
-            alpha, x, weight = None, gates.new_zeros(gates.shape[0], 0), gates.new_zeros(gates.shape[1], 0)
-        else:
-            (x, alpha), weight = self.attention(memory.grid, memory.grid_proj, state[0][-1]), self._context_weight
-            if self.context_gates is not None:  # int8: the context's product outside the cell
-                gates = gates + self.context_gates(x)
-                x, weight = gates.new_zeros(gates.shape[0], 0), gates.new_zeros(gates.shape[1], 0)
+        x = weight = alpha = None  # x None: the cell gets a zero-width input (all in `gates`)
+        if self.attention is not None:
+            x, alpha = self.attention(memory.grid, memory.grid_proj, state[0][-1])
+            if self.context_gates is None:
+                weight = self._context_weight
+            else:  # int8: the context's product outside the cell
+                gates, x = gates + self.context_gates(x), None
+        if x is None:
+            x, weight = gates.new_zeros(gates.shape[0], 0), gates.new_zeros(gates.shape[1], 0)
         return (*self._one_layer_step(x, state, weight, gates), alpha)
 
     def _advance(self, embedded: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
