@@ -6,7 +6,9 @@ memory-mapped FeatureCache a batch at a time (a COCO-sized cache never has to fi
 fine-tuning the encoder.
 
 Training samples are (image, caption) pairs: every caption of every image per epoch
-(`captions_per_epoch: all`) or one random caption per image (`one`). Validation batches are
+(`captions_per_epoch: all`) or one random caption per image (`one`); a training batch also
+carries each image's position in `train_references` (self-critical training scores against
+them). Validation batches are
 one row per image with its index into `val_references`, so BLEU sees each image once.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from captioner.data.sources import DatasetError, Record, read_dataset
-from captioner.text import Vocabulary
+from captioner.text import Vocabulary, tokenize
 
 
 def pad_captions(captions: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -147,6 +149,8 @@ class CaptionDataModule(pl.LightningDataModule):
                 raise DatasetError(f"{data_root}: no images in split {split!r} of dataset {dataset!r}")
         self.vocabulary = Vocabulary.build((c for r in self.train_records for c in r.captions), min_word_freq)
         self.val_references = [list(r.captions) for r in self.val_records]
+        # Tokenized, for training on a metric (self-critical): row i = train image i's captions.
+        self.train_references = [[tokenize(c) for c in r.captions] for r in self.train_records]
         self._cache = None
         self._preprocessing = None
 
@@ -207,7 +211,7 @@ class CaptionDataModule(pl.LightningDataModule):
         captions, lengths = pad_captions([c for _, c in items])
         batch = (self._features(self._train_rows[positions]) if self.hparams.mode == "features"
                  else self._images([self.train_records[i] for i in positions], train=True))
-        batch.update(captions=captions, lengths=lengths)
+        batch.update(captions=captions, lengths=lengths, index=torch.tensor(positions, dtype=torch.long))
         return batch
 
     def _collate_val(self, positions: list[int]) -> dict[str, Tensor]:

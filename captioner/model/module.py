@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from captioner.metrics import bleu_scores
 from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory
 from captioner.model.search import greedy
+from captioner.model.self_critical import self_critical_loss
 from captioner.text import Vocabulary
 
 
@@ -51,6 +52,9 @@ class CaptioningModule(pl.LightningModule):
         encoder_lr: float = 1e-4,
         finetune_train_mode: bool = True,
         init_decoder: str | None = None,
+        self_critical: bool = False,
+        self_critical_samples: int = 5,
+        self_critical_max_length: int = 20,
     ) -> None:
         """vocab_size and feature_dim are linked from the DataModule by LightningCLI.
 
@@ -64,6 +68,12 @@ class CaptioningModule(pl.LightningModule):
         with `scheduled_sampling_ramp_epochs` N > 0 it rises linearly from 0 at the first
         epoch to that value at epoch N (Bengio et al. 2015 raise it as the model learns: early
         on, its own words are noise).
+
+        `self_critical`: train on sentence BLEU-4 instead of cross-entropy
+        (`captioner.model.self_critical`), `self_critical_samples` captions of up to
+        `self_critical_max_length` words sampled per image. It fine-tunes a converged
+        decoder (start it from one with `init_decoder`) and needs the data's
+        `captions_per_epoch: one` (each image once per epoch, scored against all its captions).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -78,6 +88,11 @@ class CaptioningModule(pl.LightningModule):
             raise ValueError(f"scheduled_sampling must be in [0, 1), got {scheduled_sampling}")
         if scheduled_sampling_ramp_epochs < 0:
             raise ValueError(f"scheduled_sampling_ramp_epochs must be >= 0, got {scheduled_sampling_ramp_epochs}")
+        if self_critical and self_critical_samples < 2:
+            raise ValueError(f"self_critical_samples must be >= 2 (the baseline is the other samples), "
+                             f"got {self_critical_samples}")
+        if self_critical and scheduled_sampling:
+            raise ValueError("self_critical already trains on the decoder's own words: drop scheduled_sampling")
         self.decoder = CaptionDecoder(DecoderConfig(
             vocab_size=vocab_size, feature_dim=feature_dim, cell=cell, attention=attention,
             embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
@@ -90,6 +105,7 @@ class CaptioningModule(pl.LightningModule):
             if finetune_blocks:
                 self.encoder.trainable_tail(finetune_blocks, train_mode=finetune_train_mode)
         self.vocabulary: Vocabulary | None = None
+        self._train_references: list[list[list[str]]] | None = None  # tokenized, self_critical only
         self._val_outputs: list[tuple[Tensor, Tensor]] = []
 
     # ---- data plumbing ---------------------------------------------------------------------
@@ -99,6 +115,11 @@ class CaptioningModule(pl.LightningModule):
             if len(datamodule.vocabulary) != self.hparams.vocab_size:
                 raise ValueError("the data's vocabulary does not match the model's vocab_size")
             self.vocabulary = datamodule.vocabulary
+        if stage == "fit" and self.hparams.get("self_critical"):
+            if getattr(datamodule, "hparams", {}).get("captions_per_epoch") != "one":
+                raise ValueError("self_critical needs data.captions_per_epoch: one (each image once per "
+                                 "epoch; its samples are scored against all its captions)")
+            self._train_references = datamodule.train_references
         if stage == "fit" and self.hparams.init_decoder:
             self._load_initial_decoder(self.hparams.init_decoder)
 
@@ -151,6 +172,10 @@ class CaptioningModule(pl.LightningModule):
         return p if ramp <= 0 else p * min(1.0, self.current_epoch / ramp)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.hparams.get("self_critical") and self.training:
+            refs = [self._train_references[int(i)] for i in batch["index"]]
+            return self_critical_loss(self.decoder, self.memory(batch), refs, self.vocabulary,
+                                      self.hparams.self_critical_samples, self.hparams.self_critical_max_length)
         logits, targets, alphas = self.decoder(self.memory(batch), batch["captions"], batch["lengths"],
                                                sample_prob=self.sample_prob() if self.training else 0.0)
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
@@ -176,7 +201,7 @@ class CaptioningModule(pl.LightningModule):
         bs = batch["captions"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, value in parts.items():
-            self.log(f"train/{name}", value, batch_size=bs)
+            self.log(f"train/{name}", value, batch_size=bs, prog_bar=name == "reward")
         return total
 
     # ---- validation: greedy decoding + corpus BLEU ------------------------------------------
