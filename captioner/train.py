@@ -20,7 +20,7 @@ from captioner.cli import error_line
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.features import ImageFeaturesError, StaleCacheError
 from captioner.data.sources import DatasetError
-from captioner.model.module import CaptioningModule
+from captioner.model.module import CaptioningModule, TrainingSetupError
 from captioner.export import load_module
 from captioner.modelfile import ModelFileError, save_model
 
@@ -97,7 +97,7 @@ def run_training(argv: Sequence[str]) -> int:
     try:
         CaptionerCLI(CaptioningModule, CaptionDataModule, args=args, save_config_kwargs={"overwrite": True},
                      seed_everything_default=0, parser_kwargs={"prog": "captioner train"})
-    except (DatasetError, ImageFeaturesError, StaleCacheError, ModelFileError) as exc:
+    except (DatasetError, ImageFeaturesError, StaleCacheError, ModelFileError, TrainingSetupError) as exc:
         error_line(str(exc))  # a problem with the user's data or files: one line, not a traceback
         return 1
     return 0

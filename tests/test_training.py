@@ -266,3 +266,33 @@ def test_encoder_fine_tuning_starts_from_a_trained_decoder(trained, tmp_path, fl
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"captioner: error: {start}: its decoder")
+
+
+def test_self_critical_training_starts_from_a_trained_decoder(trained, tmp_path, flickr8k_root):
+    """`model.self_critical` through the real CLI: from the cached-feature run's decoder it
+    trains on sampled captions' BLEU-4 (logged as train/reward), validates greedily and
+    exports a loadable model; with every caption per epoch it refuses in one line."""
+    tmp, _ = trained
+    start = tmp / "model.safetensors"
+    config = write_config(tmp_path, flickr8k_root, tmp / "cache", model__init_decoder=str(start),
+                          model__self_critical=True, model__self_critical_samples=3, model__lr=1e-4,
+                          data__captions_per_epoch="one", data__batch_size=8, trainer__max_epochs=2,
+                          trainer__check_val_every_n_epoch=1)
+    train(config)
+    rows = metrics(tmp_path / "run")
+    rewards = column(rows, "train/reward")
+    assert rewards and all(0.0 <= r <= 1.0 for r in rewards)
+    assert column(rows, "val/bleu4")[-1] > 0.3  # still the overfit model's captions, not undone
+    model = Captioner.load(tmp_path / "model.safetensors", device="cpu")
+    records = slice_records(flickr8k_root, 2)
+    assert all(r.caption for r in model.caption([r.path for r in records], beam_size=1))
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["captions_per_epoch"] = "all"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "captioner", "train", "--config", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "captioner: error: self_critical needs data.captions_per_epoch: one (each image once per epoch; "
+        "its samples are scored against all its captions)")

@@ -23,6 +23,10 @@ from captioner.model.self_critical import self_critical_loss
 from captioner.text import Vocabulary
 
 
+class TrainingSetupError(ValueError):
+    """Model and data settings that cannot train together (found once both exist)."""
+
+
 class CaptioningModule(pl.LightningModule):
     def __init__(
         self,
@@ -117,7 +121,7 @@ class CaptioningModule(pl.LightningModule):
             self.vocabulary = datamodule.vocabulary
         if stage == "fit" and self.hparams.get("self_critical"):
             if getattr(datamodule, "hparams", {}).get("captions_per_epoch") != "one":
-                raise ValueError("self_critical needs data.captions_per_epoch: one (each image once per "
+                raise TrainingSetupError("self_critical needs data.captions_per_epoch: one (each image once per "
                                  "epoch; its samples are scored against all its captions)")
             self._train_references = datamodule.train_references
         if stage == "fit" and self.hparams.init_decoder:
