@@ -1,5 +1,6 @@
-"""Self-critical sequence training: sampling with gradients, BLEU-4 rewards, the
-mean-of-others baseline, and that the loss actually teaches a decoder the references."""
+"""Self-critical sequence training: sampling with gradients, the BLEU-4 and CIDEr-D rewards
+(CIDEr-D equal to the COCO toolkit's), the mean-of-others baseline, and that the loss
+actually teaches a decoder the references."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from captioner.model.decoder import CaptionDecoder, DecoderConfig
 from captioner.model.module import CaptioningModule
-from captioner.model.self_critical import (bleu4_rewards, mean_of_others_advantage, sample_with_log_probs,
-                                           self_critical_loss)
+from captioner.model.self_critical import (REWARDS, CiderD, bleu4_rewards, mean_of_others_advantage,
+                                           sample_with_log_probs, self_critical_loss)
 from captioner.text import Vocabulary
 
 WORDS = ["a", "dog", "runs", "on", "grass", "cat", "sleeps", "the", "red", "ball"]
@@ -61,33 +62,70 @@ def test_mean_of_others_baseline():
         mean_of_others_advantage(rewards, 1)
 
 
-def test_self_critical_loss_teaches_the_references():
+def test_cider_d_rewards_matching_and_length():
+    refs = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "dog", "on", "grass"]],
+            [["the", "cat", "sleeps"], ["a", "cat", "sleeps", "on", "a", "red", "ball"]]]
+    cider = CiderD(refs)
+    exact, near, wrong = (cider.score(["a", "dog", "runs", "on", "the", "grass"], 0),
+                          cider.score(["a", "dog", "runs", "on", "grass"], 0), cider.score(["the", "cat", "sleeps"], 0))
+    assert exact > near > wrong >= 0.0
+    assert cider.score([], 1) == 0.0
+    padded = ["a", "dog", "runs", "on", "the", "grass"] + ["a", "dog"] * 8  # the same words, far too long
+    assert cider.score(padded, 0) < 0.5 * exact
+    reward = REWARDS["cider"](refs)
+    assert reward([["a", "dog", "runs", "on", "the", "grass"], ["the", "cat", "sleeps"]], [0, 1]).tolist() == \
+        pytest.approx([exact, cider.score(["the", "cat", "sleeps"], 1)])
+
+
+def test_cider_d_equals_the_coco_toolkit():
+    """With the scored corpus as its references, every image's score is pycocoevalcap's."""
+    cider_module = pytest.importorskip("pycocoevalcap.cider.cider", reason="pycocoevalcap not installed "
+                                       "(pip install 'captioner[coco]')")
+    refs = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "on", "grass"]],
+            [["the", "cat", "sleeps", "on", "a", "bed"], ["a", "cat", "sleeps"]],
+            [["two", "men", "ride", "red", "bikes"], ["men", "on", "bikes", "in", "the", "street"]],
+            [["a", "girl", "in", "a", "red", "dress"], ["a", "little", "girl", "runs", "on", "the", "grass"]]]
+    hyps = [["a", "dog", "runs", "on", "grass"], ["a", "cat", "on", "a", "bed"], ["a", "man", "rides", "a", "bike"],
+            ["a", "girl", "runs", "on", "the", "grass", "in", "a", "red", "dress"]]
+    mean, per_image = cider_module.Cider().compute_score(
+        {i: [" ".join(r) for r in rr] for i, rr in enumerate(refs)}, {i: [" ".join(h)] for i, h in enumerate(hyps)})
+    ours = CiderD(refs)
+    assert [ours.score(h, i) for i, h in enumerate(hyps)] == pytest.approx(list(per_image), abs=1e-9)
+
+
+@pytest.mark.parametrize("reward", ["cider", "bleu4"])
+def test_self_critical_loss_teaches_the_references(reward):
     """200 steps of the loss alone move a random decoder's samples towards the references:
     the mean sampled reward rises from chance to most of the way, and greedy output follows."""
     model = decoder(attention=True)
     torch.manual_seed(1)
     grid, pooled = torch.randn(2, 4, 6), torch.randn(2, 6)
     refs = [[["a", "dog", "runs", "on", "the", "grass"]], [["the", "cat", "sleeps", "on", "a", "red", "ball"]]]
+    score = REWARDS[reward](refs)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
     rewards = []
     torch.manual_seed(2)
     for _ in range(200):
-        loss, parts = self_critical_loss(model, model.memory(grid, pooled), refs, VOCAB, samples=10, max_length=10)
+        loss, parts = self_critical_loss(model, model.memory(grid, pooled), score, [0, 1], VOCAB, samples=10,
+                                         max_length=10)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         rewards.append(float(parts["reward"]))
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert first < 0.1 and last > 0.5, (first, last)  # 0.06 -> 0.74 when written
+    best = float(score([refs[0][0], refs[1][0]], [0, 1]).mean())  # the references themselves
+    assert first < 0.15 * best and last > 0.5 * best, (first, last, best)
     from captioner.model.search import greedy
     with torch.no_grad():
         tokens = greedy(model.eval(), model.memory(grid, pooled), max_length=10).tokens[:, 0]
-    assert bleu4_rewards([VOCAB.decode(t.tolist()).split() for t in tokens], refs).min() > 0.3
+    assert score([VOCAB.decode(t.tolist()).split() for t in tokens], [0, 1]).min() > 0.3 * best
 
 
 def test_module_settings_are_checked():
     with pytest.raises(ValueError, match="self_critical_samples must be >= 2"):
         CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, self_critical_samples=1)
+    with pytest.raises(ValueError, match="self_critical_reward must be one of"):
+        CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, self_critical_reward="meteor")
     with pytest.raises(ValueError, match="drop scheduled_sampling"):
         CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, scheduled_sampling=0.2)
 
@@ -96,7 +134,7 @@ def test_module_trains_on_rewards_and_validates_as_usual():
     module = CaptioningModule(vocab_size=len(VOCAB), feature_dim=6, cell="gru", embed_dim=8, hidden_dim=16,
                               dropout=0.0, self_critical=True, self_critical_samples=3, self_critical_max_length=6)
     module.vocabulary = VOCAB
-    module._train_references = [[["a", "dog"]], [["a", "cat"]], [["the", "ball"]]]
+    module._reward = REWARDS["cider"]([[["a", "dog"]], [["a", "cat"]], [["the", "ball"]]])
     batch = {"pooled": torch.randn(2, 6), "index": torch.tensor([2, 0]),
              "captions": torch.tensor([[1, 4, 5, 2]] * 2), "lengths": torch.tensor([4, 4])}
     module.train()

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from captioner.metrics import bleu_scores
 from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory
 from captioner.model.search import greedy
-from captioner.model.self_critical import self_critical_loss
+from captioner.model.self_critical import REWARDS, Reward, self_critical_loss
 from captioner.text import Vocabulary
 
 
@@ -57,6 +57,7 @@ class CaptioningModule(pl.LightningModule):
         finetune_train_mode: bool = True,
         init_decoder: str | None = None,
         self_critical: bool = False,
+        self_critical_reward: str = "cider",
         self_critical_samples: int = 5,
         self_critical_max_length: int = 20,
     ) -> None:
@@ -73,8 +74,9 @@ class CaptioningModule(pl.LightningModule):
         epoch to that value at epoch N (Bengio et al. 2015 raise it as the model learns: early
         on, its own words are noise).
 
-        `self_critical`: train on sentence BLEU-4 instead of cross-entropy
-        (`captioner.model.self_critical`), `self_critical_samples` captions of up to
+        `self_critical`: train on a caption metric instead of cross-entropy
+        (`captioner.model.self_critical`; `self_critical_reward` cider = CIDEr-D, or bleu4),
+        `self_critical_samples` captions of up to
         `self_critical_max_length` words sampled per image. It fine-tunes a converged
         decoder (start it from one with `init_decoder`) and needs the data's
         `captions_per_epoch: one` (each image once per epoch, scored against all its captions).
@@ -95,6 +97,8 @@ class CaptioningModule(pl.LightningModule):
         if self_critical and self_critical_samples < 2:
             raise ValueError(f"self_critical_samples must be >= 2 (the baseline is the other samples), "
                              f"got {self_critical_samples}")
+        if self_critical_reward not in REWARDS:
+            raise ValueError(f"self_critical_reward must be one of {sorted(REWARDS)}, got {self_critical_reward!r}")
         if self_critical and scheduled_sampling:
             raise ValueError("self_critical already trains on the decoder's own words: drop scheduled_sampling")
         self.decoder = CaptionDecoder(DecoderConfig(
@@ -109,7 +113,7 @@ class CaptioningModule(pl.LightningModule):
             if finetune_blocks:
                 self.encoder.trainable_tail(finetune_blocks, train_mode=finetune_train_mode)
         self.vocabulary: Vocabulary | None = None
-        self._train_references: list[list[list[str]]] | None = None  # tokenized, self_critical only
+        self._reward: Reward | None = None  # self_critical only, built from the training references
         self._val_outputs: list[tuple[Tensor, Tensor]] = []
 
     # ---- data plumbing ---------------------------------------------------------------------
@@ -123,7 +127,7 @@ class CaptioningModule(pl.LightningModule):
             if getattr(datamodule, "hparams", {}).get("captions_per_epoch") != "one":
                 raise TrainingSetupError("self_critical needs data.captions_per_epoch: one (each image once per "
                                  "epoch; its samples are scored against all its captions)")
-            self._train_references = datamodule.train_references
+            self._reward = REWARDS[self.hparams.self_critical_reward](datamodule.train_references)
         if stage == "fit" and self.hparams.init_decoder:
             self._load_initial_decoder(self.hparams.init_decoder)
 
@@ -177,9 +181,9 @@ class CaptioningModule(pl.LightningModule):
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         if self.hparams.get("self_critical") and self.training:
-            refs = [self._train_references[int(i)] for i in batch["index"]]
-            return self_critical_loss(self.decoder, self.memory(batch), refs, self.vocabulary,
-                                      self.hparams.self_critical_samples, self.hparams.self_critical_max_length)
+            return self_critical_loss(self.decoder, self.memory(batch), self._reward, batch["index"].tolist(),
+                                      self.vocabulary, self.hparams.self_critical_samples,
+                                      self.hparams.self_critical_max_length)
         logits, targets, alphas = self.decoder(self.memory(batch), batch["captions"], batch["lengths"],
                                                sample_prob=self.sample_prob() if self.training else 0.0)
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)

@@ -1,11 +1,18 @@
-"""Self-critical sequence training (Rennie et al. 2017): train on the metric itself.
+"""Self-critical sequence training (Rennie et al. 2017): train on a caption metric itself.
 
 Cross-entropy teaches the decoder the next reference word; the captions it is judged on are
-its own. Here the decoder samples K captions per image, each is scored by sentence-level
-BLEU-4 against the image's references, and the log-probability of each sampled word is
-pushed up or down by how much better its caption scored than the other K-1 samples of the
-same image (the mean-of-others baseline of Luo 2020, "A better variant of self-critical
-sequence training": no greedy decode for the baseline, and an unbiased one).
+its own. Here the decoder samples K captions per image, each is scored against the image's
+references, and the log-probability of each sampled word is pushed up or down by how much
+better its caption scored than the other K-1 samples of the same image (the mean-of-others
+baseline of Luo 2020, "A better variant of self-critical sequence training": no greedy
+decode for the baseline, and an unbiased one).
+
+Rewards (`REWARDS`): `cider` is CIDEr-D with document frequencies from the training
+references, the reward of Rennie et al. and of most captioning work since; its Gaussian
+length penalty keeps captions at the references' length. `bleu4`, sentence-level BLEU-4,
+is the evaluation metric itself, but a policy learns to game it: on Flickr8k its captions
+shrank to 5.7 words in one epoch ("a man in a black"), since a short caption is
+often within its closest reference's length and so escapes the brevity penalty.
 
 `sample_with_log_probs` runs on `CaptionDecoder.step()` with autograd on, so one pass both
 samples and keeps the graph; `self_critical_loss` is what `CaptioningModule.loss` returns
@@ -13,7 +20,9 @@ in this mode.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from collections import Counter
+from typing import Callable, Sequence
 
 import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
@@ -74,6 +83,81 @@ def bleu4_rewards(hypotheses: Sequence[Tokens], references: Sequence[Sequence[To
                          for hyp, refs in zip(hypotheses, references)], dtype=torch.float)
 
 
+NGram = tuple[str, ...]
+
+
+def _ngram_counts(tokens: Tokens, n: int) -> Counter[NGram]:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+class CiderD:
+    """CIDEr-D (Vedantam et al. 2015) of captions against a fixed corpus's references, as
+    the COCO caption toolkit computes it (n = 1..4, tf-idf vectors, clipped hypothesis
+    weights, Gaussian length penalty sigma 6, x10), except that document frequencies come
+    from the whole `references` corpus given here, once, instead of from the captions being
+    scored: a training reward must not change with the batch it is computed in. With the
+    scored corpus as `references` it equals the toolkit's Cider scorer (tests)."""
+
+    sigma, max_n = 6.0, 4
+
+    def __init__(self, references: Sequence[Sequence[Tokens]]) -> None:
+        document_frequency: Counter[NGram] = Counter()
+        for refs in references:
+            document_frequency.update({g for ref in refs for n in range(1, self.max_n + 1)
+                                       for g in _ngram_counts(ref, n)})
+        self._df = document_frequency
+        self._log_images = math.log(float(len(references)))
+        self._references = references
+        self._ref_vectors: dict[int, list[tuple[list[dict[NGram, float]], list[float], int]]] = {}
+
+    def _vector(self, tokens: Tokens) -> tuple[list[dict[NGram, float]], list[float], int]:
+        vectors, norms = [], []
+        for n in range(1, self.max_n + 1):
+            vec = {g: tf * (self._log_images - math.log(max(1.0, self._df[g])))
+                   for g, tf in _ngram_counts(tokens, n).items()}
+            vectors.append(vec)
+            norms.append(math.sqrt(sum(v * v for v in vec.values())))
+        return vectors, norms, len(tokens)
+
+    def _refs_of(self, image: int):
+        if image not in self._ref_vectors:  # each training image's references, once
+            self._ref_vectors[image] = [self._vector(ref) for ref in self._references[image]]
+        return self._ref_vectors[image]
+
+    def score(self, hypothesis: Tokens, image: int) -> float:
+        """CIDEr-D of one caption against references[image]."""
+        hyp_vecs, hyp_norms, hyp_len = self._vector(hypothesis)
+        refs = self._refs_of(image)
+        total = 0.0
+        for ref_vecs, ref_norms, ref_len in refs:
+            penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * self.sigma ** 2))
+            for hv, hn, rv, rn in zip(hyp_vecs, hyp_norms, ref_vecs, ref_norms):
+                if hn == 0 or rn == 0:
+                    continue
+                dot = sum(min(w, rv[g]) * rv[g] for g, w in hv.items() if g in rv)
+                total += penalty * dot / (hn * rn)
+        return 10.0 * total / self.max_n / len(refs)
+
+
+Reward = Callable[[Sequence[Tokens], Sequence[int]], Tensor]  # (captions, image of each) -> [N]
+
+
+def bleu4_reward(references: Sequence[Sequence[Tokens]]) -> Reward:
+    """Sentence BLEU-4 against references[image]."""
+    return lambda hyps, images: bleu4_rewards(hyps, [references[i] for i in images])
+
+
+def cider_reward(references: Sequence[Sequence[Tokens]]) -> Reward:
+    """CIDEr-D against references[image], document frequencies from all of `references`."""
+    scorer = CiderD(references)
+    return lambda hyps, images: torch.tensor([scorer.score(h, i) for h, i in zip(hyps, images)],
+                                             dtype=torch.float)
+
+
+REWARDS: dict[str, Callable[[Sequence[Sequence[Tokens]]], Reward]] = {"cider": cider_reward,
+                                                                      "bleu4": bleu4_reward}
+
+
 def mean_of_others_advantage(rewards: Tensor, samples: int) -> Tensor:
     """Each sample's reward minus the mean reward of the other samples of its image."""
     if samples < 2:
@@ -83,20 +167,18 @@ def mean_of_others_advantage(rewards: Tensor, samples: int) -> Tensor:
     return (grouped - others).view(-1)
 
 
-def self_critical_loss(decoder: CaptionDecoder, memory: Memory, references: Sequence[Sequence[Tokens]],
+def self_critical_loss(decoder: CaptionDecoder, memory: Memory, reward: Reward, images: Sequence[int],
                        vocabulary: Vocabulary, samples: int = 5,
                        max_length: int = 20) -> tuple[Tensor, dict[str, Tensor]]:
     """REINFORCE with the mean-of-others baseline over `samples` captions per image;
-    `references[i]` are image i's tokenized reference captions.
+    `images[i]` is memory row i's image, as `reward` knows it.
 
     The loss is the advantage-weighted negative log-probability averaged over sampled
-    tokens; the returned parts log the mean reward (sentence BLEU-4 of the samples) and
-    their mean length, the two numbers that show whether the policy is improving or
-    gaming the metric."""
+    tokens; the returned parts log the samples' mean reward and mean length (tokens incl.
+    <end>), the two numbers that show whether the policy is improving or gaming the metric."""
     tokens, log_probs, mask = sample_with_log_probs(decoder, memory, samples, max_length)
     hypotheses = [vocabulary.decode(row).split() for row in tokens.tolist()]
-    per_sample_refs = [refs for refs in references for _ in range(samples)]
-    rewards = bleu4_rewards(hypotheses, per_sample_refs).to(log_probs.device)
+    rewards = reward(hypotheses, [i for i in images for _ in range(samples)]).to(log_probs.device)
     advantage = mean_of_others_advantage(rewards, samples)
     weights = mask.float()
     loss = -(advantage[:, None] * log_probs * weights).sum() / weights.sum()
