@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from captioner.metrics import bleu_scores
 from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory
 from captioner.model.search import greedy
-from captioner.model.self_critical import REWARDS, Reward, self_critical_loss
+from captioner.model.self_critical import Reward, build_reward, parse_reward, self_critical_loss
 from captioner.text import Vocabulary
 
 
@@ -75,7 +75,8 @@ class CaptioningModule(pl.LightningModule):
         on, its own words are noise).
 
         `self_critical`: train on a caption metric instead of cross-entropy
-        (`captioner.model.self_critical`; `self_critical_reward` cider = CIDEr-D, or bleu4),
+        (`captioner.model.self_critical`; `self_critical_reward`: cider = CIDEr-D, bleu1..bleu4,
+        or a sum such as bleu1+bleu4),
         `self_critical_samples` captions of up to
         `self_critical_max_length` words sampled per image. It fine-tunes a converged
         decoder (start it from one with `init_decoder`) and needs the data's
@@ -97,8 +98,7 @@ class CaptioningModule(pl.LightningModule):
         if self_critical and self_critical_samples < 2:
             raise ValueError(f"self_critical_samples must be >= 2 (the baseline is the other samples), "
                              f"got {self_critical_samples}")
-        if self_critical_reward not in REWARDS:
-            raise ValueError(f"self_critical_reward must be one of {sorted(REWARDS)}, got {self_critical_reward!r}")
+        parse_reward(self_critical_reward)  # fails early on an unknown term
         if self_critical and scheduled_sampling:
             raise ValueError("self_critical already trains on the decoder's own words: drop scheduled_sampling")
         self.decoder = CaptionDecoder(DecoderConfig(
@@ -127,7 +127,7 @@ class CaptioningModule(pl.LightningModule):
             if getattr(datamodule, "hparams", {}).get("captions_per_epoch") != "one":
                 raise TrainingSetupError("self_critical needs data.captions_per_epoch: one (each image once per "
                                  "epoch; its samples are scored against all its captions)")
-            self._reward = REWARDS[self.hparams.self_critical_reward](datamodule.train_references)
+            self._reward = build_reward(self.hparams.self_critical_reward, datamodule.train_references)
         if stage == "fit" and self.hparams.init_decoder:
             self._load_initial_decoder(self.hparams.init_decoder)
 

@@ -7,12 +7,13 @@ better its caption scored than the other K-1 samples of the same image (the mean
 baseline of Luo 2020, "A better variant of self-critical sequence training": no greedy
 decode for the baseline, and an unbiased one).
 
-Rewards (`REWARDS`): `cider` is CIDEr-D with document frequencies from the training
-references, the reward of Rennie et al. and of most captioning work since; its Gaussian
-length penalty keeps captions at the references' length. `bleu4`, sentence-level BLEU-4,
-is the evaluation metric itself, but a policy learns to game it: on Flickr8k its captions
-shrank to 5.7 words in one epoch ("a man in a black"), since a short caption is
-often within its closest reference's length and so escapes the brevity penalty.
+Rewards (`build_reward`): `cider` is CIDEr-D with document frequencies from the training
+references, the reward of Rennie et al. and of most captioning work since. `bleu1`..`bleu4`
+are sentence-level BLEU-n, the evaluation metric itself, and a sum such as `bleu1+bleu4`
+rewards both. BLEU-4 alone is gamed by shortening: precision rises faster than the brevity
+penalty falls (on Flickr8k the GRU-512's greedy captions shrank to 5.7 words in two epochs,
+"a man in a black"); BLEU-1 is mostly the brevity penalty and unigram precision, so adding
+it holds the length.
 
 `sample_with_log_probs` runs on `CaptionDecoder.step()` with autograd on, so one pass both
 samples and keeps the graph; `self_critical_loss` is what `CaptioningModule.loss` returns
@@ -76,11 +77,17 @@ def sample_with_log_probs(decoder: CaptionDecoder, memory: Memory, samples: int,
     return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
 
 
-def bleu4_rewards(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]]) -> Tensor:
-    """Sentence-level BLEU-4 of each hypothesis against its references (nltk, with
-    method1 smoothing and the sentence's own brevity penalty)."""
-    return torch.tensor([sentence_bleu(refs, hyp, smoothing_function=_SMOOTHING) if hyp else 0.0
-                         for hyp, refs in zip(hypotheses, references)], dtype=torch.float)
+def sentence_bleu_rewards(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]],
+                          orders: Sequence[int] = (4,)) -> Tensor:
+    """Sentence-level BLEU-n for each n in `orders` of each hypothesis against its
+    references (nltk, method1 smoothing, the sentence's own brevity penalty): [N, len(orders)]."""
+    weights = [(1.0 / n,) * n for n in orders]
+    rows = []
+    for hyp, refs in zip(hypotheses, references):
+        # nltk returns one 0 (not a list) when no word matches, also for several weights.
+        scores = sentence_bleu(refs, hyp, weights=weights, smoothing_function=_SMOOTHING) if hyp else 0.0
+        rows.append(scores if isinstance(scores, list) else [float(scores)] * len(orders))
+    return torch.tensor(rows, dtype=torch.float).view(-1, len(orders))
 
 
 NGram = tuple[str, ...]
@@ -140,22 +147,36 @@ class CiderD:
 
 
 Reward = Callable[[Sequence[Tokens], Sequence[int]], Tensor]  # (captions, image of each) -> [N]
+BLEU_TERMS = {"bleu1": 1, "bleu2": 2, "bleu3": 3, "bleu4": 4}
+REWARD_TERMS = ("cider", *BLEU_TERMS)
 
 
-def bleu4_reward(references: Sequence[Sequence[Tokens]]) -> Reward:
-    """Sentence BLEU-4 against references[image]."""
-    return lambda hyps, images: bleu4_rewards(hyps, [references[i] for i in images])
+def build_reward(spec: str, references: Sequence[Sequence[Tokens]]) -> Reward:
+    """The reward named by `spec`: one of REWARD_TERMS or a sum of them ("bleu1+bleu4"),
+    scored against references[image] (CIDEr-D's document frequencies: all of them)."""
+    terms = parse_reward(spec)
+    orders = [BLEU_TERMS[t] for t in terms if t in BLEU_TERMS]
+    cider = CiderD(references) if "cider" in terms else None
+
+    def reward(hypotheses: Sequence[Tokens], images: Sequence[int]) -> Tensor:
+        total = torch.zeros(len(hypotheses))
+        if orders:
+            total += sentence_bleu_rewards(hypotheses, [references[i] for i in images], orders).sum(1)
+        if cider is not None:
+            total += torch.tensor([cider.score(h, i) for h, i in zip(hypotheses, images)], dtype=torch.float)
+        return total
+
+    return reward
 
 
-def cider_reward(references: Sequence[Sequence[Tokens]]) -> Reward:
-    """CIDEr-D against references[image], document frequencies from all of `references`."""
-    scorer = CiderD(references)
-    return lambda hyps, images: torch.tensor([scorer.score(h, i) for h, i in zip(hyps, images)],
-                                             dtype=torch.float)
-
-
-REWARDS: dict[str, Callable[[Sequence[Sequence[Tokens]]], Reward]] = {"cider": cider_reward,
-                                                                      "bleu4": bleu4_reward}
+def parse_reward(spec: str) -> list[str]:
+    """"bleu1+bleu4" -> ["bleu1", "bleu4"]; ValueError naming the known terms otherwise."""
+    terms = [t.strip() for t in str(spec).split("+")]
+    unknown = [t for t in terms if t not in REWARD_TERMS]
+    if unknown or len(set(terms)) != len(terms):
+        raise ValueError(f"self_critical_reward must be one of {', '.join(REWARD_TERMS)} or a sum of "
+                         f"different ones (e.g. bleu1+bleu4), got {spec!r}")
+    return terms
 
 
 def mean_of_others_advantage(rewards: Tensor, samples: int) -> Tensor:
