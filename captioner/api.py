@@ -200,7 +200,8 @@ class Captioner:
             return decode_batch(self.decoder, memory, beam_size=beam_size, max_length=max_length,
                                 length_alpha=length_penalty, n_best=n_best, sample_captions=sample,
                                 temperature=temperature, top_k=top_k, generator=generator,
-                                return_attention=return_attention)
+                                return_attention=return_attention,
+                                no_end_after=self.vocabulary.bad_ending_ids())
 
     def _result(self, name: str, out: SearchResult, j: int) -> CaptionResult:
         alternatives = [Alternative(self.vocabulary.decode(out.tokens[j, n].tolist()),

@@ -15,6 +15,13 @@ from typing import Iterable, Sequence
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
+# A caption may not end on these (search bars <end> right after them): articles,
+# prepositions, conjunctions and auxiliaries leave a sentence unfinished. Models trained on a
+# metric learn to stop early on them ("a brown dog is in the": BLEU's n-gram precision rises
+# with every word cut); the list extends self-critical.pytorch's `bad_endings`.
+BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near",
+               "to", "is", "are", "am", "and", "into", "through", "from", "by", "his", "her", "its", "their")
+
 # Anything that is not a letter, digit, apostrophe-free word char or whitespace is punctuation.
 _PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
 
@@ -78,6 +85,10 @@ class Vocabulary:
                 continue
             words.append(self.words[i] if 0 <= i < len(self.words) else UNK)
         return " ".join(words)
+
+    def bad_ending_ids(self) -> list[int]:
+        """Ids of the BAD_ENDINGS words in this vocabulary (search bars <end> after them)."""
+        return [self._index[w] for w in BAD_ENDINGS if w in self._index]
 
     def to_json(self) -> str:
         return json.dumps({"words": self.words}, ensure_ascii=False)

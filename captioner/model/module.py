@@ -217,7 +217,8 @@ class CaptioningModule(pl.LightningModule):
         self._val_outputs = []
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        result = greedy(self.decoder, self.memory(batch), self.hparams.max_decode_length)
+        result = greedy(self.decoder, self.memory(batch), self.hparams.max_decode_length,
+                        no_end_after=self.vocabulary.bad_ending_ids() if self.vocabulary else None)
         self._val_outputs.append((batch["index"], result.tokens[:, 0]))
 
     def on_validation_epoch_end(self) -> None:

@@ -7,6 +7,7 @@ captioning one; images whose answer is settled leave that batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -45,31 +46,53 @@ def repeat_state(state: State, k: int) -> State:
     return state if k == 1 else tuple(s.repeat_interleave(k, dim=1) for s in state)
 
 
-def greedy(decoder: CaptionDecoder, memory: Memory, max_length: int = 30) -> SearchResult:
+def greedy(decoder: CaptionDecoder, memory: Memory, max_length: int = 30,
+           no_end_after: Tensor | None = None) -> SearchResult:
     """Most probable word at every step: beam search with one beam."""
-    return beam_search(decoder, memory, beam_size=1, max_length=max_length)
+    return beam_search(decoder, memory, beam_size=1, max_length=max_length, no_end_after=no_end_after)
+
+
+def end_barring(no_end_after: Sequence[int] | Tensor | None, vocab_size: int, device) -> Tensor | None:
+    """A [V] bool mask of the words after which <end> may not follow (`no_end_after`: ids,
+    e.g. `Vocabulary.bad_ending_ids()`), or None for none."""
+    if no_end_after is None or len(no_end_after) == 0:
+        return None
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[torch.as_tensor(no_end_after, dtype=torch.long, device=device)] = True
+    return mask
+
+
+def bar_end(step_logp: Tensor, previous: Tensor, barred: Tensor | None) -> None:
+    """In place: -inf for <end> in the rows whose previous word is barred from ending.
+    step_logp [N, V] (or [n, width, V] with previous [n*width])."""
+    if barred is not None:
+        step_logp.view(-1, step_logp.shape[-1])[:, Vocabulary.end_id].masked_fill_(barred[previous], float("-inf"))
 
 
 def sample(decoder: CaptionDecoder, memory: Memory, max_length: int = 30, temperature: float = 1.0,
-           top_k: int = 0, num_samples: int = 1, generator: torch.Generator | None = None) -> SearchResult:
+           top_k: int = 0, num_samples: int = 1, generator: torch.Generator | None = None,
+           no_end_after: Tensor | None = None) -> SearchResult:
     """Ancestral sampling from softmax(logits / temperature), optionally from the top-k words.
 
     Returns num_samples captions per image sorted by log-probability (under the model, not
-    the tempered distribution).
+    the tempered distribution). `no_end_after`: ids after which <end> is barred (all searches).
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     b = memory.pooled.shape[0]
     state = repeat_state(decoder.init_state(memory), num_samples)
     n = b * num_samples
+    barred = end_barring(no_end_after, decoder.config.vocab_size, memory.pooled.device)
     tokens = torch.full((n,), Vocabulary.start_id, dtype=torch.long, device=memory.pooled.device)
     out, total, lengths = [], torch.zeros(n, device=tokens.device), torch.zeros(n, dtype=torch.long, device=tokens.device)
     done = torch.zeros(n, dtype=torch.bool, device=tokens.device)
     alphas = []
     for _ in range(max_length):
         logits, state, alpha = decoder.step(tokens, state, memory)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        scaled = logits.float() / temperature
+        raw = logits.float()
+        bar_end(raw, tokens, barred)
+        logp = torch.log_softmax(raw, dim=-1)
+        scaled = raw / temperature
         if top_k > 0:
             kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -102,7 +125,7 @@ def sample(decoder: CaptionDecoder, memory: Memory, max_length: int = 30, temper
 
 def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max_length: int = 30,
                 alpha: float = 0.0, n_best: int = 1, return_attention: bool = False,
-                exhaustive: bool = False) -> SearchResult:
+                exhaustive: bool = False, no_end_after: Tensor | None = None) -> SearchResult:
     """Batched beam search with the GNMT length penalty and a pool of finished hypotheses.
 
     Per image, K open beams are extended each step; of the 2K best candidates, those ending in
@@ -133,6 +156,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
     # its K picks all continue from that row (at beam 3, 6% fewer decoder rows on Flickr8k).
     state = decoder.init_state(memory)
     vocab = decoder.config.vocab_size
+    barred = end_barring(no_end_after, vocab, device)
     neg_inf = float("-inf")
     penalties = length_penalty(torch.arange(1, max_length + 1), alpha).tolist()  # [length - 1]
 
@@ -165,6 +189,7 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         step_logp[..., Vocabulary.pad_id] = neg_inf
         step_logp[..., Vocabulary.start_id] = neg_inf
         step_logp[..., Vocabulary.unk_id] = neg_inf  # "<unk>" is not a word a caption may say
+        bar_end(step_logp, tokens, barred)
         cand_logp = (log_probs[..., None] + step_logp).view(n, k * vocab)  # a width of 1 broadcasts
         penalty = penalties[t]
         top_logp, top_index = cand_logp.topk(min(2 * k, k * vocab), dim=1)   # [n,2K]
@@ -275,8 +300,9 @@ def _compaction(searching: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def decode_batch(decoder: CaptionDecoder, memory: Memory, *, beam_size: int = 3, max_length: int = 30,
                  length_alpha: float = 0.0, n_best: int = 1, sample_captions: bool = False,
                  temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-                 return_attention: bool = False) -> SearchResult:
+                 return_attention: bool = False, no_end_after: Tensor | None = None) -> SearchResult:
     """One entry point for the CLI, the API and evaluation."""
     if sample_captions:
-        return sample(decoder, memory, max_length, temperature, top_k, n_best, generator)
-    return beam_search(decoder, memory, beam_size, max_length, length_alpha, n_best, return_attention)
+        return sample(decoder, memory, max_length, temperature, top_k, n_best, generator, no_end_after)
+    return beam_search(decoder, memory, beam_size, max_length, length_alpha, n_best, return_attention,
+                       no_end_after=no_end_after)

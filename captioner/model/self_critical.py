@@ -30,7 +30,7 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from torch import Tensor
 
 from captioner.model.decoder import CaptionDecoder, Memory
-from captioner.model.search import repeat_state
+from captioner.model.search import bar_end, end_barring, repeat_state
 from captioner.text import Vocabulary
 
 Tokens = list[str]
@@ -41,13 +41,14 @@ _SMOOTHING = SmoothingFunction().method1
 _BANNED = (Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id)
 
 
-def sample_with_log_probs(decoder: CaptionDecoder, memory: Memory, samples: int,
-                          max_length: int) -> tuple[Tensor, Tensor, Tensor]:
+def sample_with_log_probs(decoder: CaptionDecoder, memory: Memory, samples: int, max_length: int,
+                          no_end_after: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """K = `samples` captions per image drawn from the decoder, with gradients.
 
     Returns tokens [B*K, T] (image-major rows, <pad> after <end>), the log-probability of
     each sampled token [B*K, T] (differentiable) and the mask of real tokens [B*K, T]
-    (<end> included). Rows that have ended keep stepping until every row has: the batch
+    (<end> included). `no_end_after`: ids after which <end> is barred, as in search (the
+    caption is then scored as the user would see it). Rows that have ended keep stepping until every row has: the batch
     stays one tensor program.
     """
     b = memory.pooled.shape[0]
@@ -58,10 +59,13 @@ def sample_with_log_probs(decoder: CaptionDecoder, memory: Memory, samples: int,
     done = torch.zeros(n, dtype=torch.bool, device=device)
     banned = torch.zeros(decoder.config.vocab_size, dtype=torch.bool, device=device)
     banned[list(_BANNED)] = True
+    barred = end_barring(no_end_after, decoder.config.vocab_size, device)
     words, log_probs, masks = [], [], []
     for _ in range(max_length):
         logits, state, _ = decoder.step(tokens, state, memory)
-        logp = torch.log_softmax(logits.float().masked_fill(banned, float("-inf")), dim=-1)
+        logits = logits.float().masked_fill(banned, float("-inf"))
+        bar_end(logits, tokens, barred)
+        logp = torch.log_softmax(logits, dim=-1)
         with torch.no_grad():
             choice = torch.multinomial(logp.exp(), 1).squeeze(1)
             choice = torch.where(done, torch.full_like(choice, Vocabulary.pad_id), choice)
@@ -197,7 +201,8 @@ def self_critical_loss(decoder: CaptionDecoder, memory: Memory, reward: Reward, 
     The loss is the advantage-weighted negative log-probability averaged over sampled
     tokens; the returned parts log the samples' mean reward and mean length (tokens incl.
     <end>), the two numbers that show whether the policy is improving or gaming the metric."""
-    tokens, log_probs, mask = sample_with_log_probs(decoder, memory, samples, max_length)
+    tokens, log_probs, mask = sample_with_log_probs(decoder, memory, samples, max_length,
+                                                    vocabulary.bad_ending_ids())
     hypotheses = [vocabulary.decode(row).split() for row in tokens.tolist()]
     rewards = reward(hypotheses, [i for i in images for _ in range(samples)]).to(log_probs.device)
     advantage = mean_of_others_advantage(rewards, samples)
