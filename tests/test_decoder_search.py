@@ -331,3 +331,32 @@ def test_unknown_word_is_never_written():
         for result in (greedy(dec, mem, 8), beam_search(dec, mem, beam_size=3, n_best=3, max_length=8),
                        sample(dec, mem, 8, num_samples=3, generator=torch.Generator().manual_seed(0))):
             assert not (result.tokens == Vocabulary.unk_id).any()
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam", "sample"])
+def test_no_caption_ends_on_a_barred_word(search):
+    """<end> is barred right after the words of `no_end_after` (an article, say), in every
+    search: a decoder that always prefers <end>, then word 4, writes "4" and stops without
+    the bar on 4, and never stops right after a 4 with it."""
+    dec, mem = make("gru", vocab=12)
+    with torch.no_grad():
+        dec.output.weight.zero_()
+        dec.output.bias.zero_()
+        dec.output.bias[Vocabulary.end_id] = 5.0
+        dec.output.bias[4] = 4.0
+
+    def run(barred):
+        with torch.no_grad():
+            if search == "greedy":
+                return greedy(dec, mem, max_length=6, no_end_after=barred).tokens[:, 0]
+            if search == "beam":
+                return beam_search(dec, mem, beam_size=3, max_length=6, no_end_after=barred).tokens[:, 0]
+            torch.manual_seed(0)  # sampling: <end> (or 4) has nearly all the mass, so the draw is fixed
+            return sample(dec, mem, max_length=6, temperature=0.05, no_end_after=barred).tokens[:, 0]
+
+    assert run(None)[:, 0].tolist() == [Vocabulary.end_id] * 5          # an empty caption
+    assert run([Vocabulary.start_id])[:, :2].tolist() == [[4, Vocabulary.end_id]] * 5
+    barred = run([Vocabulary.start_id, 4])
+    previous = torch.cat([torch.full_like(barred[:, :1], Vocabulary.start_id), barred[:, :-1]], dim=1)
+    ends = barred == Vocabulary.end_id
+    assert not (ends & ((previous == 4) | (previous == Vocabulary.start_id))).any(), barred

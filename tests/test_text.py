@@ -35,3 +35,11 @@ def test_json_round_trip_and_bad_json():
         Vocabulary(["a", "b", "c", "d"])
     with pytest.raises(ValueError, match="duplicate"):
         Vocabulary(list(SPECIALS) + ["a", "a"])
+
+
+def test_bad_ending_ids_are_the_listed_words_in_the_vocabulary():
+    from captioner.text import BAD_ENDINGS
+    vocab = Vocabulary.build(["a dog on the grass", "a dog runs"] * 5, min_freq=1)
+    ids = vocab.bad_ending_ids()
+    assert sorted(vocab.words[i] for i in ids) == ["a", "on", "the"]
+    assert all(vocab.words[i] in BAD_ENDINGS for i in ids)
