@@ -76,11 +76,10 @@ class CaptioningModule(pl.LightningModule):
 
         `self_critical`: train on a caption metric instead of cross-entropy
         (`captioner.model.self_critical`; `self_critical_reward`: cider = CIDEr-D, bleu1..bleu4,
-        or a sum such as bleu1+bleu4),
-        `self_critical_samples` captions of up to
-        `self_critical_max_length` words sampled per image. It fine-tunes a converged
-        decoder (start it from one with `init_decoder`) and needs the data's
-        `captions_per_epoch: one` (each image once per epoch, scored against all its captions).
+        or a sum such as bleu1+bleu4), on `self_critical_samples` captions of up to
+        `self_critical_max_length` words sampled per image. It fine-tunes a converged decoder
+        (start it from one with `init_decoder`) and needs the data's `captions_per_epoch: one`
+        (each image once per epoch, scored against all its captions).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -125,8 +124,8 @@ class CaptioningModule(pl.LightningModule):
             self.vocabulary = datamodule.vocabulary
         if stage == "fit" and self.hparams.get("self_critical"):
             if getattr(datamodule, "hparams", {}).get("captions_per_epoch") != "one":
-                raise TrainingSetupError("self_critical needs data.captions_per_epoch: one (each image once per "
-                                 "epoch; its samples are scored against all its captions)")
+                raise TrainingSetupError("self_critical needs data.captions_per_epoch: one (each image once "
+                                         "per epoch; its samples are scored against all its captions)")
             self._reward = build_reward(self.hparams.self_critical_reward, datamodule.train_references)
         if stage == "fit" and self.hparams.init_decoder:
             self._load_initial_decoder(self.hparams.init_decoder)
