@@ -13,6 +13,7 @@ one row per image with its index into `val_references`, so BLEU sees each image 
 """
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -149,10 +150,14 @@ class CaptionDataModule(pl.LightningDataModule):
                 raise DatasetError(f"{data_root}: no images in split {split!r} of dataset {dataset!r}")
         self.vocabulary = Vocabulary.build((c for r in self.train_records for c in r.captions), min_word_freq)
         self.val_references = [list(r.captions) for r in self.val_records]
-        # Tokenized, for training on a metric (self-critical): row i = train image i's captions.
-        self.train_references = [[tokenize(c) for c in r.captions] for r in self.train_records]
         self._cache = None
         self._preprocessing = None
+
+    @functools.cached_property
+    def train_references(self) -> list[list[list[str]]]:
+        """Tokenized captions of train image i at row i, for training on a metric
+        (self-critical); built on first use, so cross-entropy runs never pay for it."""
+        return [[tokenize(c) for c in r.captions] for r in self.train_records]
 
     # Linked into the model by LightningCLI.
     @property

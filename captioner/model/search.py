@@ -47,12 +47,16 @@ def repeat_state(state: State, k: int) -> State:
 
 
 def greedy(decoder: CaptionDecoder, memory: Memory, max_length: int = 30,
-           no_end_after: Tensor | None = None) -> SearchResult:
+           no_end_after: Sequence[int] | None = None) -> SearchResult:
     """Most probable word at every step: beam search with one beam."""
     return beam_search(decoder, memory, beam_size=1, max_length=max_length, no_end_after=no_end_after)
 
 
-def end_barring(no_end_after: Sequence[int] | Tensor | None, vocab_size: int, device) -> Tensor | None:
+# Ids no search writes into a caption: not words ("<unk>" included: not a word a caption may say).
+NEVER_WRITTEN = (Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id)
+
+
+def end_barring(no_end_after: Sequence[int] | None, vocab_size: int, device) -> Tensor | None:
     """A [V] bool mask of the words after which <end> may not follow (`no_end_after`: ids,
     e.g. `Vocabulary.bad_ending_ids()`), or None for none."""
     if no_end_after is None or len(no_end_after) == 0:
@@ -71,7 +75,7 @@ def bar_end(step_logp: Tensor, previous: Tensor, barred: Tensor | None) -> None:
 
 def sample(decoder: CaptionDecoder, memory: Memory, max_length: int = 30, temperature: float = 1.0,
            top_k: int = 0, num_samples: int = 1, generator: torch.Generator | None = None,
-           no_end_after: Tensor | None = None) -> SearchResult:
+           no_end_after: Sequence[int] | None = None) -> SearchResult:
     """Ancestral sampling from softmax(logits / temperature), optionally from the top-k words.
 
     Returns num_samples captions per image sorted by log-probability (under the model, not
@@ -96,9 +100,8 @@ def sample(decoder: CaptionDecoder, memory: Memory, max_length: int = 30, temper
         if top_k > 0:
             kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        scaled[:, Vocabulary.pad_id] = float("-inf")
-        scaled[:, Vocabulary.start_id] = float("-inf")
-        scaled[:, Vocabulary.unk_id] = float("-inf")  # never write "<unk>" into a caption
+        for word in NEVER_WRITTEN:
+            scaled[:, word] = float("-inf")
         choice = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(1)
         choice = torch.where(done, torch.full_like(choice, Vocabulary.pad_id), choice)
         total += torch.where(done, 0.0, logp.gather(1, choice[:, None]).squeeze(1))
@@ -125,7 +128,7 @@ def sample(decoder: CaptionDecoder, memory: Memory, max_length: int = 30, temper
 
 def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max_length: int = 30,
                 alpha: float = 0.0, n_best: int = 1, return_attention: bool = False,
-                exhaustive: bool = False, no_end_after: Tensor | None = None) -> SearchResult:
+                exhaustive: bool = False, no_end_after: Sequence[int] | None = None) -> SearchResult:
     """Batched beam search with the GNMT length penalty and a pool of finished hypotheses.
 
     Per image, K open beams are extended each step; of the 2K best candidates, those ending in
@@ -186,9 +189,8 @@ def beam_search(decoder: CaptionDecoder, memory: Memory, beam_size: int = 3, max
         logits, state, alpha_t = decoder.step(tokens, state, memory)
         step_logp = (logits.float() if decoder.step_returns_log_probs
                      else torch.log_softmax(logits.float(), dim=-1)).view(n, width, vocab)
-        step_logp[..., Vocabulary.pad_id] = neg_inf
-        step_logp[..., Vocabulary.start_id] = neg_inf
-        step_logp[..., Vocabulary.unk_id] = neg_inf  # "<unk>" is not a word a caption may say
+        for word in NEVER_WRITTEN:  # three strided fills: cheaper than an index_put per step
+            step_logp[..., word] = neg_inf
         bar_end(step_logp, tokens, barred)
         cand_logp = (log_probs[..., None] + step_logp).view(n, k * vocab)  # a width of 1 broadcasts
         penalty = penalties[t]
@@ -300,7 +302,7 @@ def _compaction(searching: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def decode_batch(decoder: CaptionDecoder, memory: Memory, *, beam_size: int = 3, max_length: int = 30,
                  length_alpha: float = 0.0, n_best: int = 1, sample_captions: bool = False,
                  temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-                 return_attention: bool = False, no_end_after: Tensor | None = None) -> SearchResult:
+                 return_attention: bool = False, no_end_after: Sequence[int] | None = None) -> SearchResult:
     """One entry point for the CLI, the API and evaluation."""
     if sample_captions:
         return sample(decoder, memory, max_length, temperature, top_k, n_best, generator, no_end_after)

@@ -30,15 +30,13 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from torch import Tensor
 
 from captioner.model.decoder import CaptionDecoder, Memory
-from captioner.model.search import bar_end, end_barring, repeat_state
+from captioner.model.search import NEVER_WRITTEN, bar_end, end_barring, repeat_state
 from captioner.text import Vocabulary
 
 Tokens = list[str]
 # Without smoothing a caption with no matching 4-gram scores exactly 0, however close it is,
 # so most short samples would get the same reward; method1 adds 0.1 to empty match counts.
 _SMOOTHING = SmoothingFunction().method1
-# Never sampled: they are not words (search never writes <unk> either).
-_BANNED = (Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id)
 
 
 def sample_with_log_probs(decoder: CaptionDecoder, memory: Memory, samples: int, max_length: int,
@@ -47,9 +45,9 @@ def sample_with_log_probs(decoder: CaptionDecoder, memory: Memory, samples: int,
 
     Returns tokens [B*K, T] (image-major rows, <pad> after <end>), the log-probability of
     each sampled token [B*K, T] (differentiable) and the mask of real tokens [B*K, T]
-    (<end> included). `no_end_after`: ids after which <end> is barred, as in search (the
-    caption is then scored as the user would see it). Rows that have ended keep stepping until every row has: the batch
-    stays one tensor program.
+    (<end> included). Words are drawn as search writes them: never NEVER_WRITTEN, and no
+    <end> right after `no_end_after` (the caption is scored as the user would see it). Rows
+    that have ended keep stepping until every row has: the batch stays one tensor program.
     """
     b = memory.pooled.shape[0]
     state = repeat_state(decoder.init_state(memory), samples)
@@ -58,7 +56,7 @@ def sample_with_log_probs(decoder: CaptionDecoder, memory: Memory, samples: int,
     tokens = torch.full((n,), Vocabulary.start_id, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     banned = torch.zeros(decoder.config.vocab_size, dtype=torch.bool, device=device)
-    banned[list(_BANNED)] = True
+    banned[list(NEVER_WRITTEN)] = True
     barred = end_barring(no_end_after, decoder.config.vocab_size, device)
     words, log_probs, masks = [], [], []
     for _ in range(max_length):
