@@ -125,7 +125,8 @@ def evaluate(args: argparse.Namespace) -> int:
             raise
         raise CaptionerError(f"{exc.args[0]}; build the cache for this split with `captioner features`") from None
     print(" ".join(f"{k.upper()} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
-          f"  ({metrics['n_images']} images, beam {metrics['beam_size']})")
+          f"  ({metrics['n_images']} images, beam {metrics['beam_size']}; {metrics['distinct_captions']} "
+          f"distinct captions, {metrics['distinct_words']} words, {metrics['mean_length']:.1f} words each)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`captioner evaluate`: caption a dataset split and score it with corpus BLEU-1..4."""
+"""`captioner evaluate`: caption a dataset split and score it with corpus BLEU-1..4, and say
+how varied its captions are (`diversity_scores`)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 
 from captioner.api import Captioner
 from captioner.data.sources import DatasetError, read_dataset
-from captioner.metrics import bleu_scores
+from captioner.metrics import bleu_scores, diversity_scores
 from captioner.modelfile import atomic_write_text
 
 
@@ -32,6 +33,7 @@ def evaluate_model(model: str | None, dataset: str, data_root: str, split: str =
             raise DatasetError(f"{bad[0].image}: {bad[0].error} ({len(bad)} unreadable images in the split)")
         hyps = [r.caption for r in results]
     metrics = bleu_scores(hyps, [list(r.captions) for r in records])
+    metrics.update(diversity_scores(hyps))
     metrics.update(n_images=len(records), beam_size=beam_size, length_penalty=length_penalty,
                    split=split, dataset=dataset, model=captioner.source,
                    precision=captioner.precision)

@@ -295,6 +295,10 @@ def test_evaluate_writes_metrics_and_predictions_by_rename(dataset, tiny_model_f
     result = evaluate_model(**kwargs)
     assert json.loads(metrics.read_text())["n_images"] == result["n_images"] == N_IMAGES - N_TRAIN
     assert len(predictions.read_text().splitlines()) == N_IMAGES - N_TRAIN
+    captions = [json.loads(line)["caption"] for line in predictions.read_text().splitlines()]
+    saved = json.loads(metrics.read_text())
+    assert saved["distinct_captions"] == len(set(captions))  # diversity is reported beside BLEU
+    assert saved["distinct_words"] == len({w for c in captions for w in c.split()})
 
 
 @pytest.mark.slow

@@ -297,3 +297,14 @@ def test_missing_pycocoevalcap_raises_import_error_with_hint(monkeypatch):
     with pytest.raises(ImportError, match=r"captioner\[coco\]"):
         corpus_scores(["a dog"], [["a dog"]], coco=True)
     assert corpus_scores(["a dog"], [["a dog"]]).keys() == set(KEYS)  # BLEU needs no extra
+
+
+def test_diversity_counts_distinct_captions_words_and_length():
+    from captioner.metrics import diversity_scores
+    scores = diversity_scores(["A dog runs.", "a dog runs", "A cat sleeps on the mat", ""])
+    # Tokenized like BLEU: case and punctuation do not make a caption different.
+    assert scores == {"distinct_captions": 3, "distinct_words": 8, "mean_length": (3 + 3 + 6 + 0) / 4}
+    with pytest.raises(ValueError, match="empty corpus"):
+        diversity_scores([])
+    with pytest.raises(TypeError, match="not one string"):
+        diversity_scores("a dog runs")

@@ -149,6 +149,8 @@ def test_module_settings_are_checked():
         CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, self_critical_reward="meteor")
     with pytest.raises(ValueError, match="drop scheduled_sampling"):
         CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, scheduled_sampling=0.2)
+    with pytest.raises(ValueError, match="self_critical_xe_weight must be >= 0"):
+        CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, self_critical_xe_weight=-0.1)
 
 
 def test_module_trains_on_rewards_and_validates_as_usual():
@@ -164,3 +166,63 @@ def test_module_trains_on_rewards_and_validates_as_usual():
     module.eval()  # validation-time loss stays cross-entropy on the reference captions
     _, parts = module.loss(batch)
     assert set(parts) == {"ce"}
+
+
+def _toy_module(xe_weight: float, reward_refs) -> CaptioningModule:
+    torch.manual_seed(0)
+    module = CaptioningModule(vocab_size=len(VOCAB), feature_dim=6, cell="gru", attention=True, embed_dim=8,
+                              hidden_dim=16, attention_dim=8, dropout=0.0, alpha_c=0.0, self_critical=True,
+                              self_critical_samples=6, self_critical_max_length=8,
+                              self_critical_xe_weight=xe_weight)
+    module.vocabulary = VOCAB
+    module._reward = build_reward("bleu1+bleu4", reward_refs)
+    return module
+
+
+def _batch(captions: list[str]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    rows = [VOCAB.encode(c) for c in captions]  # <start> ... <end>
+    width = max(map(len, rows))
+    return {"grid": torch.randn(len(rows), 4, 6), "pooled": torch.randn(len(rows), 6),
+            "index": torch.arange(len(rows)),
+            "captions": torch.tensor([r + [Vocabulary.pad_id] * (width - len(r)) for r in rows]),
+            "lengths": torch.tensor([len(r) for r in rows])}
+
+
+def test_mixed_loss_adds_the_weighted_cross_entropy_of_the_reference():
+    refs = [[["a", "dog", "runs"]], [["the", "cat", "sleeps"]]]
+    batch = _batch(["a dog runs", "the cat sleeps"])
+    pure, mixed = _toy_module(0.0, refs).train(), _toy_module(0.5, refs).train()
+    torch.manual_seed(5)
+    pure_loss, pure_parts = pure.loss(batch)
+    torch.manual_seed(5)  # the same samples
+    mixed_loss, mixed_parts = mixed.loss(batch)
+    assert set(pure_parts) == {"reward", "sample_length"}
+    assert set(mixed_parts) == {"reward", "sample_length", "ce"}
+    assert mixed_parts["reward"] == pure_parts["reward"]
+    assert float(mixed_loss) == pytest.approx(float(pure_loss) + 0.5 * float(mixed_parts["ce"]), rel=1e-6)
+    assert float(mixed_parts["ce"]) == pytest.approx(float(pure.cross_entropy_loss(batch)[0]), rel=1e-6)
+
+
+@pytest.mark.parametrize("xe_weight, distinct", [(0.0, 1), (1.0, 2)])
+def test_cross_entropy_keeps_captions_apart_where_the_reward_would_merge_them(xe_weight, distinct):
+    """A reward that pays both images for one caption collapses them onto it; the reference
+    captions' cross-entropy, mixed in, keeps each image's own caption (the collapse that kept
+    self-critical models from shipping, in miniature)."""
+    module = _toy_module(xe_weight, reward_refs=[[["a", "dog", "runs"]], [["a", "dog", "runs"]]]).train()
+    batch = _batch(["a dog runs", "the cat sleeps"])
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-2)
+    torch.manual_seed(2)
+    for _ in range(150):
+        loss, _ = module.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    from captioner.model.search import greedy
+    module.eval()
+    with torch.no_grad():
+        tokens = greedy(module.decoder, module.memory(batch), max_length=8).tokens[:, 0]
+    captions = [VOCAB.decode(t.tolist()) for t in tokens]
+    assert len(set(captions)) == distinct, captions
+    if distinct == 2:
+        assert captions == ["a dog runs", "the cat sleeps"]

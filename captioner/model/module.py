@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from captioner.metrics import bleu_scores
+from captioner.metrics import bleu_scores, diversity_scores
 from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory
 from captioner.model.search import greedy
 from captioner.model.self_critical import Reward, build_reward, parse_reward, self_critical_loss
@@ -60,6 +60,7 @@ class CaptioningModule(pl.LightningModule):
         self_critical_reward: str = "cider",
         self_critical_samples: int = 5,
         self_critical_max_length: int = 20,
+        self_critical_xe_weight: float = 0.0,
     ) -> None:
         """vocab_size and feature_dim are linked from the DataModule by LightningCLI.
 
@@ -79,7 +80,11 @@ class CaptioningModule(pl.LightningModule):
         or a sum such as bleu1+bleu4), on `self_critical_samples` captions of up to
         `self_critical_max_length` words sampled per image. It fine-tunes a converged decoder
         (start it from one with `init_decoder`) and needs the data's `captions_per_epoch: one`
-        (each image once per epoch, scored against all its captions).
+        (each image once per epoch, scored against all its captions). `self_critical_xe_weight`
+        w > 0 adds w x the cross-entropy of the batch's reference caption to the self-critical
+        loss (the mixed objective of Paulus et al. 2018): the references keep pulling the
+        decoder towards their spread of wordings while the reward sharpens it, where the reward
+        alone collapses it to a few safe captions.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -98,6 +103,8 @@ class CaptioningModule(pl.LightningModule):
             raise ValueError(f"self_critical_samples must be >= 2 (the baseline is the other samples), "
                              f"got {self_critical_samples}")
         parse_reward(self_critical_reward)  # fails early on an unknown term
+        if self_critical_xe_weight < 0:
+            raise ValueError(f"self_critical_xe_weight must be >= 0, got {self_critical_xe_weight}")
         if self_critical and scheduled_sampling:
             raise ValueError("self_critical already trains on the decoder's own words: drop scheduled_sampling")
         self.decoder = CaptionDecoder(DecoderConfig(
@@ -179,11 +186,24 @@ class CaptioningModule(pl.LightningModule):
         return p if ramp <= 0 else p * min(1.0, self.current_epoch / ramp)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.hparams.get("self_critical") and self.training:
-            return self_critical_loss(self.decoder, self.memory(batch), self._reward, batch["index"].tolist(),
-                                      self.vocabulary, self.hparams.self_critical_samples,
-                                      self.hparams.self_critical_max_length)
-        logits, targets, alphas = self.decoder(self.memory(batch), batch["captions"], batch["lengths"],
+        if not (self.hparams.get("self_critical") and self.training):
+            return self.cross_entropy_loss(batch)
+        memory = self.memory(batch)
+        total, parts = self_critical_loss(self.decoder, memory, self._reward, batch["index"].tolist(),
+                                          self.vocabulary, self.hparams.self_critical_samples,
+                                          self.hparams.self_critical_max_length)
+        xe_weight = self.hparams.get("self_critical_xe_weight", 0.0)
+        if xe_weight > 0:
+            xe, xe_parts = self.cross_entropy_loss(batch, memory)
+            total = total + xe_weight * xe
+            parts.update(xe_parts)
+        return total, parts
+
+    def cross_entropy_loss(self, batch: dict[str, Tensor],
+                           memory: Memory | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Teacher-forced cross-entropy of the batch's captions (+ the attention regularizer)."""
+        memory = self.memory(batch) if memory is None else memory
+        logits, targets, alphas = self.decoder(memory, batch["captions"], batch["lengths"],
                                                sample_prob=self.sample_prob() if self.training else 0.0)
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
         parts = {"ce": ce}
@@ -232,7 +252,8 @@ class CaptioningModule(pl.LightningModule):
         for name, value in scores.items():
             self.log(f"val/{name}", value, prog_bar=name == "bleu4", sync_dist=False, rank_zero_only=False)
         self.log("val/n_images", float(len(keep)))
-        self.log("val/distinct_captions", float(len(set(hyps))))
+        for name, value in diversity_scores(hyps).items():
+            self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
 
     def _gather_predictions(self) -> tuple[Tensor, Tensor]:
         if not self._val_outputs:
