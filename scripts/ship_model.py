@@ -8,7 +8,8 @@ default model, with the scores written into its metadata.
 --decoding records the search settings chosen on dev (scripts/tune_decoding.py) in the model
 file, so `captioner caption` and the API use them by default.
 
-Prints one JSON object with every score. Dev is for choosing; test is reported once.
+Prints one JSON object with every score (BLEU-1..4 and how many distinct captions and words
+the model wrote). Dev is for choosing; test is reported once.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def main() -> None:
             start = time.perf_counter()
             m = evaluate_model(args.model, "flickr8k", args.data_root, split=split, beam_size=beam,
                                length_penalty=args.length_penalty, features=args.features, captioner=captioner)
-            scores[split][f"beam{beam}"] = {k: round(m[k], 4) for k in ("bleu1", "bleu2", "bleu3", "bleu4")}
+            scores[split][f"beam{beam}"] = {k: round(m[k], 4) for k in ("bleu1", "bleu2", "bleu3", "bleu4",
+                                                                        "distinct_captions", "distinct_words")}
             scores[split][f"beam{beam}"]["seconds"] = round(time.perf_counter() - start, 1)
     scores["length_penalty"] = args.length_penalty
     scores["precision"] = captioner.precision
