@@ -284,7 +284,7 @@ LITE0_PREPROCESSING = Preprocessing(size=224, resize="squash", mean=TF_LITE_MEAN
 # The Lite family shares the stem, block layout, ReLU6 and TF-style inputs; lite1 and lite2
 # are lite0 scaled wider and deeper (ImageNet top-1 75.1 / 76.7 / 77.6 %) and trained at 240 /
 # 260 px. Each variant's weights are a pip package of its own; only lite0's is a dependency.
-LITE_NATIVE_SIZES = {LITE0: 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+LITE_NATIVE_SIZES = {LITE0: LITE0_PREPROCESSING.size, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
 
 def _lite_weights_path(variant: str) -> Path:

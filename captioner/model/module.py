@@ -82,9 +82,10 @@ class CaptioningModule(pl.LightningModule):
         (start it from one with `init_decoder`) and needs the data's `captions_per_epoch: one`
         (each image once per epoch, scored against all its captions). `self_critical_xe_weight`
         w > 0 adds w x the cross-entropy loss of the batch's reference caption (with attention's
-        regularizer, as in cross-entropy training) to the self-critical loss (the mixed objective of Paulus et al. 2018): the references keep pulling the
-        decoder towards their spread of wordings while the reward sharpens it, where the reward
-        alone collapses it to a few safe captions.
+        regularizer, as in cross-entropy training) to the self-critical loss (the mixed objective
+        of Paulus et al. 2018): the references keep pulling the decoder towards their spread of
+        wordings while the reward sharpens it, where the reward alone collapses it to a few safe
+        captions.
         """
         super().__init__()
         self.save_hyperparameters()
