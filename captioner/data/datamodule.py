@@ -116,6 +116,7 @@ class CaptionDataModule(pl.LightningDataModule):
         data_root: str = "../shared/datasets/flickr8k",
         mode: str = "features",
         feature_cache: str | None = "cache/flickr8k-lite0",
+        mirror_cache: str | None = None,
         encoder: str = "efficientnet-lite0",
         load_grid: bool = True,
         train_split: str = "train",
@@ -133,7 +134,12 @@ class CaptionDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         """Reads the dataset and builds the vocabulary now, so LightningCLI can link
-        `vocab_size` and `feature_dim` into the model before anything is trained."""
+        `vocab_size` and `feature_dim` into the model before anything is trained.
+
+        `mirror_cache`: a cache of the same images flipped left-right (`captioner features
+        --mirror`); each training caption then reads its image's mirrored features with
+        probability 1/2, with "left" and "right" swapped in the caption (batch["mirrored"]
+        marks those rows for rewards). Validation reads `feature_cache` alone."""
         super().__init__()
         if mode not in ("features", "images"):
             raise ValueError(f"data.mode must be features | images, got {mode!r}")
@@ -141,6 +147,8 @@ class CaptionDataModule(pl.LightningDataModule):
             raise ValueError(f"captions_per_epoch must be all | one, got {captions_per_epoch!r}")
         if mode == "features" and not feature_cache:
             raise ValueError("data.mode=features needs data.feature_cache (a directory)")
+        if mirror_cache and mode != "features":
+            raise ValueError("data.mirror_cache needs data.mode=features (it is a second feature cache)")
         self.save_hyperparameters()
         records = read_dataset(dataset, data_root, splits=[train_split, val_split], skip_missing=skip_missing)
         self.train_records = [r for r in records if r.split == train_split][:train_limit]
@@ -151,6 +159,8 @@ class CaptionDataModule(pl.LightningDataModule):
         self.vocabulary = Vocabulary.build((c for r in self.train_records for c in r.captions), min_word_freq)
         self.val_references = [list(r.captions) for r in self.val_records]
         self._cache = None
+        self._mirror = None
+        self._mirror_rng: torch.Generator | None = None
         self._preprocessing = None
 
     @functools.cached_property
@@ -183,6 +193,10 @@ class CaptionDataModule(pl.LightningDataModule):
             self._cache = self._open_or_build_cache()
             self._train_rows = np.array([self._cache.index_of(r.image_id) for r in self.train_records])
             self._val_rows = np.array([self._cache.index_of(r.image_id) for r in self.val_records])
+            if hp.mirror_cache:
+                self._mirror = self._open_mirror_cache()
+                self._mirror_train_rows = np.array([self._mirror.index_of(r.image_id) for r in self.train_records])
+                self._mirror_ids = torch.tensor(self.vocabulary.mirror_ids())
         else:
             from captioner.model.encoders import encoder_preprocessing
             self._preprocessing = encoder_preprocessing(hp.encoder)
@@ -196,6 +210,24 @@ class CaptionDataModule(pl.LightningDataModule):
         return ensure_cache(self.hparams.feature_cache, self.hparams.encoder,
                             list(records.values()), list(records),
                             workers=self.hparams.num_workers)
+
+    def _open_mirror_cache(self):
+        """The mirrored twin of the feature cache: same encoder and preprocessing but for the
+        flip, holding every training image; anything else is a StaleCacheError naming it."""
+        import dataclasses
+
+        from captioner.data.features import FeatureCache, StaleCacheError
+        path = self.hparams.mirror_cache
+        mirror = FeatureCache.open(path)
+        expected = dataclasses.replace(self._cache.preprocessing, mirror=True)
+        if mirror.encoder != self._cache.encoder or mirror.preprocessing != expected:
+            raise StaleCacheError(f"{path}: not the mirrored twin of {self.hparams.feature_cache} (encoder "
+                                  f"{mirror.encoder}, preprocessing {mirror.preprocessing.to_dict()}); "
+                                  "build it with `captioner features --mirror`")
+        missing = [r.image_id for r in self.train_records if r.image_id not in mirror]
+        if missing:
+            raise StaleCacheError(f"{path}: lacks {len(missing)} training images (e.g. {missing[0]})")
+        return mirror
 
     # ---- batches ---------------------------------------------------------------------------
     def _features(self, rows: np.ndarray) -> dict[str, Tensor]:
@@ -216,8 +248,27 @@ class CaptionDataModule(pl.LightningDataModule):
         captions, lengths = pad_captions([c for _, c in items])
         batch = (self._features(self._train_rows[positions]) if self.hparams.mode == "features"
                  else self._images([self.train_records[i] for i in positions], train=True))
+        if self._mirror is not None:
+            self._mirror_half(batch, captions, positions)
         batch.update(captions=captions, lengths=lengths, index=torch.tensor(positions, dtype=torch.long))
         return batch
+
+    def _mirror_half(self, batch: dict[str, Tensor], captions: Tensor, positions: list[int]) -> None:
+        """In place: a random half of the rows (about) get their image's mirrored features and
+        their caption's sides swapped; batch["mirrored"] says which."""
+        if self._mirror_rng is None:
+            self._mirror_rng = torch.Generator().manual_seed(self.hparams.seed)
+        flip = torch.rand(len(positions), generator=self._mirror_rng) < 0.5
+        batch["mirrored"] = flip
+        if not flip.any():
+            return
+        rows = flip.nonzero().view(-1)
+        feats = self._mirror.get(self._mirror_train_rows[[positions[i] for i in rows.tolist()]],
+                                 grid=self.hparams.load_grid)
+        batch["pooled"][rows] = feats.pooled
+        if self.hparams.load_grid:
+            batch["grid"][rows] = feats.grid
+        captions[rows] = self._mirror_ids[captions[rows]]
 
     def _collate_val(self, positions: list[int]) -> dict[str, Tensor]:
         batch = (self._features(self._val_rows[positions]) if self.hparams.mode == "features"
@@ -230,6 +281,7 @@ class CaptionDataModule(pl.LightningDataModule):
         sampler = LengthBucketSampler([self.train_set.caption_length(k) for k in range(len(self.train_set))],
                                       self.hparams.batch_size, seed=self.hparams.seed)
         sampler.set_epoch(epoch)
+        self._mirror_rng = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + epoch)
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=self._collate_train, num_workers=self.hparams.num_workers)
 

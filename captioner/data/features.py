@@ -24,6 +24,7 @@ the same bytes.) One writer per directory at a time: an flock on the directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -638,6 +639,8 @@ def run_features_command(args: argparse.Namespace) -> int:
         raise CaptionerError(exc.args[0]) from None
     except EncoderWeightsError as exc:
         raise CaptionerError(str(exc)) from None
+    if args.mirror:
+        encoder.preprocessing = dataclasses.replace(encoder.preprocessing, mirror=True)
     ids = list(by_id)
     todo = pending_rows(encoder, ids, args.out)
     start = time.perf_counter()

@@ -73,7 +73,10 @@ class Preprocessing:
     `resize`: "squash" resizes straight to size x size (aspect ratio not kept);
     "shorter+center-crop" resizes the shorter side to `resize_size` (default `size`) and
     crops the centre size x size, as torchvision's classification transforms do.
-    `mean`/`std` apply to pixels scaled to 0..1.
+    `mean`/`std` apply to pixels scaled to 0..1. `mirror` flips every image left-right
+    after resizing: a second view of the same images (test-time and training augmentation of
+    cached features); it is left out of `to_dict` when off, so unmirrored fingerprints and
+    model files read the same as before it existed.
     """
 
     size: int
@@ -82,6 +85,7 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     resize_size: int | None = None
     interpolation: str = "bilinear"
+    mirror: bool = False
 
     def __post_init__(self) -> None:
         # Lists arrive from JSON; keep the frozen value hashable and comparable.
@@ -97,7 +101,10 @@ class Preprocessing:
             raise ValueError(f"mean and std need 3 values (std > 0), got {self.mean}, {self.std}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        data = {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        if not self.mirror:
+            del data["mirror"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
@@ -139,6 +146,8 @@ class Preprocessing:
                 T.Resize(self.resize_size or self.size, interpolation=mode, antialias=True),
                 T.CenterCrop(self.size),
             ]
+        if self.mirror:
+            geometry.append(T.RandomHorizontalFlip(p=1.0))
         return T.Compose([
             T.ToImage(),  # uint8 tensor; resizing it is faster than resizing the PIL image
             *geometry,

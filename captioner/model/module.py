@@ -192,7 +192,8 @@ class CaptioningModule(pl.LightningModule):
         memory = self.memory(batch)
         total, parts = self_critical_loss(self.decoder, memory, self._reward, batch["index"].tolist(),
                                           self.vocabulary, self.hparams.self_critical_samples,
-                                          self.hparams.self_critical_max_length)
+                                          self.hparams.self_critical_max_length,
+                                          mirrored=batch["mirrored"].tolist() if "mirrored" in batch else None)
         xe_weight = self.hparams.get("self_critical_xe_weight", 0.0)
         if xe_weight > 0:
             xe, xe_parts = self.cross_entropy_loss(batch, memory)

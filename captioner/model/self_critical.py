@@ -31,7 +31,7 @@ from torch import Tensor
 
 from captioner.model.decoder import CaptionDecoder, Memory
 from captioner.model.search import NEVER_WRITTEN, bar_end, end_barring, repeat_state
-from captioner.text import Vocabulary
+from captioner.text import Vocabulary, mirror_words
 
 Tokens = list[str]
 # Without smoothing a caption with no matching 4-gram scores exactly 0, however close it is,
@@ -191,10 +191,12 @@ def mean_of_others_advantage(rewards: Tensor, samples: int) -> Tensor:
 
 
 def self_critical_loss(decoder: CaptionDecoder, memory: Memory, reward: Reward, images: Sequence[int],
-                       vocabulary: Vocabulary, samples: int = 5,
-                       max_length: int = 20) -> tuple[Tensor, dict[str, Tensor]]:
+                       vocabulary: Vocabulary, samples: int = 5, max_length: int = 20,
+                       mirrored: Sequence[bool] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """REINFORCE with the mean-of-others baseline over `samples` captions per image;
-    `images[i]` is memory row i's image, as `reward` knows it.
+    `images[i]` is memory row i's image, as `reward` knows it. Where `mirrored[i]`, row i holds
+    the image's mirrored features, so its captions are scored with "left" and "right" swapped
+    back (`mirror_words`) against the image's references.
 
     The loss is the advantage-weighted negative log-probability averaged over sampled
     tokens; the returned parts log the samples' mean reward and mean length (tokens incl.
@@ -202,6 +204,8 @@ def self_critical_loss(decoder: CaptionDecoder, memory: Memory, reward: Reward, 
     tokens, log_probs, mask = sample_with_log_probs(decoder, memory, samples, max_length,
                                                     vocabulary.bad_ending_ids())
     hypotheses = [vocabulary.decode(row).split() for row in tokens.tolist()]
+    if mirrored is not None:
+        hypotheses = [mirror_words(h) if mirrored[k // samples] else h for k, h in enumerate(hypotheses)]
     rewards = reward(hypotheses, [i for i in images for _ in range(samples)]).to(log_probs.device)
     advantage = mean_of_others_advantage(rewards, samples)
     weights = mask.float()
