@@ -4,6 +4,8 @@ bad images, and the `captioner features` command, on a small real slice of Flick
 Most tests use a tiny random CNN (fast); one runs the real efficientnet-lite0."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from pathlib import Path
@@ -315,6 +317,22 @@ def test_features_command(flickr8k_root, tmp_path, small_flickr8k, capsys):
     assert len(FeatureCache.open(tmp_path)) == 6
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith("features: 0 images encoded")
+
+
+def test_features_command_mirror_builds_the_mirrored_twin(flickr8k_root, tmp_path, small_flickr8k, capsys):
+    """`--mirror`: the same images flipped left-right, a cache of its own fingerprint whose
+    preprocessing says so (what data.mirror_cache checks)."""
+    from captioner.cli import main
+
+    argv = ["features", "--dataset", "flickr8k", "--data-root", str(flickr8k_root), "--workers", "0",
+            "--splits", "test", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "mirror"), "--mirror"]) == 0
+    capsys.readouterr()
+    plain, mirror = FeatureCache.open(tmp_path / "plain"), FeatureCache.open(tmp_path / "mirror")
+    assert mirror.image_ids == plain.image_ids and mirror.fingerprint != plain.fingerprint
+    assert mirror.preprocessing == dataclasses.replace(plain.preprocessing, mirror=True)
+    assert not torch.equal(mirror.get([0]).grid, plain.get([0]).grid)
 
 
 def test_features_command_offline_torchvision_error(flickr8k_root, tmp_path, monkeypatch, capsys):

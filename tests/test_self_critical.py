@@ -10,7 +10,7 @@ from captioner.model.decoder import CaptionDecoder, DecoderConfig
 from captioner.model.module import CaptioningModule
 from captioner.model.self_critical import (CiderD, build_reward, mean_of_others_advantage, parse_reward,
                                            sample_with_log_probs, self_critical_loss, sentence_bleu_rewards)
-from captioner.text import Vocabulary
+from captioner.text import Vocabulary, mirror_words
 
 WORDS = ["a", "dog", "runs", "on", "grass", "cat", "sleeps", "the", "red", "ball"]
 VOCAB = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", *WORDS])
@@ -226,3 +226,25 @@ def test_cross_entropy_keeps_captions_apart_where_the_reward_would_merge_them(xe
     assert len(set(captions)) == distinct, captions
     if distinct == 2:
         assert captions == ["a dog runs", "the cat sleeps"]
+
+
+def test_mirrored_rows_are_scored_with_their_sides_swapped_back():
+    """A row holding an image's mirrored features has its sampled captions' "left"/"right"
+    swapped back before the reward compares them with the image's (unmirrored) references."""
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "left", "right", "dog"])
+    torch.manual_seed(0)
+    model = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=6, cell="gru", embed_dim=8,
+                                         hidden_dim=16, dropout=0.0))
+    seen: list[list[list[str]]] = []
+
+    def reward(hypotheses, images):
+        seen.append(hypotheses)
+        return torch.zeros(len(hypotheses))
+
+    mem = model.memory(None, torch.randn(2, 6))
+    for mirrored in (None, [False, True]):
+        torch.manual_seed(3)  # the same samples both times
+        self_critical_loss(model, mem, reward, [0, 1], vocab, samples=8, max_length=6, mirrored=mirrored)
+    plain, swapped = seen
+    assert swapped[:8] == plain[:8]  # the unmirrored image: as sampled
+    assert swapped[8:] == [mirror_words(h) for h in plain[8:]] != plain[8:]
