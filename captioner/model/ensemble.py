@@ -63,35 +63,21 @@ class EnsembleDecoder(nn.Module):
 
     step_returns_log_probs = True
 
-    def __init__(self, members: list[CaptionDecoder], views: int = 1) -> None:
+    def __init__(self, members: list[CaptionDecoder]) -> None:
         super().__init__()
-        if views < 1:
-            raise ValueError(f"views must be >= 1, got {views}")
         self.members = nn.ModuleList(members)
         self.config = EnsembleConfig(tuple(m.config for m in members))
-        self.views = views
-        # Every member reads every view: (member, view) pairs, views outermost. With views > 1
-        # the memory's grid and pooled hold the views side by side on the channel axis
-        # ([B, L, views*C]); a pair reads its view's C channels (a strided view, no copy).
-        self._pairs = [(i, v) for v in range(views) for i in range(len(members))]
-        # Memory.grid_proj holds every attending pair's projection side by side on the last
-        # axis ([B, L, sum A]); pair k reads its own slice.
+        # Memory.grid_proj holds every attending member's projection side by side on the last
+        # axis ([B, L, sum A]); member i reads its own slice.
         self._proj_slices: list[slice | None] = []
         start = 0
-        for i, _ in self._pairs:
-            m = members[i]
+        for m in members:
             if m.config.attention:
                 self._proj_slices.append(slice(start, start + m.config.attention_dim))
                 start += m.config.attention_dim
             else:
                 self._proj_slices.append(None)
-        self._state_sizes = [2 if members[i].config.cell == "lstm" else 1 for i, _ in self._pairs]
-
-    def _view(self, x: Tensor | None, v: int) -> Tensor | None:
-        if x is None or self.views == 1:
-            return x
-        c = self.config.feature_dim
-        return x[..., v * c:(v + 1) * c]
+        self._state_sizes = [2 if m.config.cell == "lstm" else 1 for m in members]
 
     def fold_embedding(self) -> EnsembleDecoder:
         """Every member's `CaptionDecoder.fold_embedding` (inference)."""
@@ -100,21 +86,16 @@ class EnsembleDecoder(nn.Module):
         return self
 
     def memory(self, grid: Tensor | None, pooled: Tensor) -> Memory:
-        if pooled.shape[-1] != self.views * self.config.feature_dim:
-            raise ValueError(f"features of {pooled.shape[-1]} channels, expected {self.views} view(s) "
-                             f"of {self.config.feature_dim}")
-        memories = [self.members[i].memory(self._view(grid, v), self._view(pooled, v)) for i, v in self._pairs]
+        memories = [m.memory(grid, pooled) for m in self.members]
         projections = [mem.grid_proj for mem in memories if mem.grid_proj is not None]
         grid_proj = torch.cat(projections, dim=-1) if projections else None
         return Memory(grid if grid_proj is not None else None, grid_proj, pooled)
 
-    def _member_memory(self, k: int, memory: Memory) -> Memory:
-        _, v = self._pairs[k]
-        part = self._proj_slices[k]
-        pooled = self._view(memory.pooled, v)
+    def _member_memory(self, i: int, memory: Memory) -> Memory:
+        part = self._proj_slices[i]
         if part is None:
-            return Memory(None, None, pooled)
-        return Memory(self._view(memory.grid, v), memory.grid_proj[..., part], pooled)
+            return Memory(None, None, memory.pooled)
+        return Memory(memory.grid, memory.grid_proj[..., part], memory.pooled)
 
     def _split_state(self, state: State) -> list[State]:
         parts, start = [], 0
@@ -124,8 +105,7 @@ class EnsembleDecoder(nn.Module):
         return parts
 
     def init_state(self, memory: Memory) -> State:
-        return tuple(t for k, (i, _) in enumerate(self._pairs)
-                     for t in self.members[i].init_state(self._member_memory(k, memory)))
+        return tuple(t for i, m in enumerate(self.members) for t in m.init_state(self._member_memory(i, memory)))
 
     def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor | None]:
         """tokens [B] -> log mean probability [B,V], new state, mean attention [B,L] or None."""
@@ -134,14 +114,13 @@ class EnsembleDecoder(nn.Module):
         # a word whose mean probability underflows float32 (< 1e-45) gets -inf, which no
         # search would pick anyway.
         total, new_state, alphas = None, [], []
-        for k, member_state in enumerate(self._split_state(state)):
-            member = self.members[self._pairs[k][0]]
-            logits, member_state, alpha = member.step(tokens, member_state, self._member_memory(k, memory))
+        for i, (member, member_state) in enumerate(zip(self.members, self._split_state(state))):
+            logits, member_state, alpha = member.step(tokens, member_state, self._member_memory(i, memory))
             probs = torch.softmax(logits.float(), dim=-1)
             total = probs if total is None else total.add_(probs)
             new_state.extend(member_state)
             if alpha is not None:
                 alphas.append(alpha)
-        mixed = total.log_().sub_(math.log(len(self._pairs)))
+        mixed = total.log_().sub_(math.log(len(self.members)))
         attention = torch.stack(alphas).mean(dim=0) if alphas else None
         return mixed, tuple(new_state), attention
