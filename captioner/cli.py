@@ -142,8 +142,8 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-missing", action="store_true")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--mirror", action="store_true",
-                   help="encode every image flipped left-right (a second view for data.mirror_cache "
-                        "and test-time mirroring); the cache records it in its preprocessing")
+                   help="encode every image flipped left-right: a second view of each image for "
+                        "data.mirror_cache; the cache records the flip in its preprocessing")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

@@ -74,8 +74,8 @@ class Preprocessing:
     "shorter+center-crop" resizes the shorter side to `resize_size` (default `size`) and
     crops the centre size x size, as torchvision's classification transforms do.
     `mean`/`std` apply to pixels scaled to 0..1. `mirror` flips every image left-right
-    after resizing: a second view of the same images (test-time and training augmentation of
-    cached features); it is left out of `to_dict` when off, so unmirrored fingerprints and
+    after resizing: a second view of the same images (training augmentation of cached
+    features, `data.mirror_cache`); it is left out of `to_dict` when off, so unmirrored fingerprints and
     model files read the same as before it existed.
     """
 
@@ -128,7 +128,8 @@ class Preprocessing:
         """PIL RGB image -> normalized float32 tensor [3, size, size].
 
         `augment` (training on raw images) swaps the fixed geometry for a mild random crop
-        and adds colour jitter. No horizontal flips: captions say "left" and "right".
+        and adds colour jitter. No horizontal flips: captions say "left" and "right" (mirroring
+        with the words swapped is `mirror` + data.mirror_cache, on cached features).
         """
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import v2 as T
