@@ -97,7 +97,7 @@ class Vocabulary:
     def mirror_ids(self) -> list[int]:
         """id -> the id of its `mirror_words` counterpart (itself for all but left/right), to
         rewrite encoded captions of mirrored images with one lookup."""
-        return [self._index.get(MIRROR_SWAPS.get(w, w), i) for i, w in enumerate(self.words)]
+        return [self._index.get(mirrored, i) for i, mirrored in enumerate(mirror_words(self.words))]
 
     def bad_ending_ids(self) -> list[int]:
         """Ids of the BAD_ENDINGS words in this vocabulary (search bars <end> after them)."""

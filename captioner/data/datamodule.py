@@ -160,7 +160,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.val_references = [list(r.captions) for r in self.val_records]
         self._cache = None
         self._mirror = None
-        self._mirror_rng: torch.Generator | None = None
+        self._mirror_rng = torch.Generator().manual_seed(seed)  # reseeded per epoch by train_dataloader
         self._preprocessing = None
 
     @functools.cached_property
@@ -230,8 +230,8 @@ class CaptionDataModule(pl.LightningDataModule):
         return mirror
 
     # ---- batches ---------------------------------------------------------------------------
-    def _features(self, rows: np.ndarray) -> dict[str, Tensor]:
-        feats = self._cache.get(rows, grid=self.hparams.load_grid)
+    def _features(self, rows: np.ndarray, cache=None) -> dict[str, Tensor]:
+        feats = (self._cache if cache is None else cache).get(rows, grid=self.hparams.load_grid)
         batch = {"pooled": feats.pooled}
         if self.hparams.load_grid:
             batch["grid"] = feats.grid
@@ -246,29 +246,29 @@ class CaptionDataModule(pl.LightningDataModule):
     def _collate_train(self, items: list[tuple[int, list[int]]]) -> dict[str, Tensor]:
         positions = [i for i, _ in items]
         captions, lengths = pad_captions([c for _, c in items])
-        batch = (self._features(self._train_rows[positions]) if self.hparams.mode == "features"
-                 else self._images([self.train_records[i] for i in positions], train=True))
         if self._mirror is not None:
-            self._mirror_half(batch, captions, positions)
+            batch = self._mirror_half(captions, positions)
+        elif self.hparams.mode == "features":
+            batch = self._features(self._train_rows[positions])
+        else:
+            batch = self._images([self.train_records[i] for i in positions], train=True)
         batch.update(captions=captions, lengths=lengths, index=torch.tensor(positions, dtype=torch.long))
         return batch
 
-    def _mirror_half(self, batch: dict[str, Tensor], captions: Tensor, positions: list[int]) -> None:
-        """In place: a random half of the rows (about) get their image's mirrored features and
-        their caption's sides swapped; batch["mirrored"] says which."""
-        if self._mirror_rng is None:
-            self._mirror_rng = torch.Generator().manual_seed(self.hparams.seed)
+    def _mirror_half(self, captions: Tensor, positions: list[int]) -> dict[str, Tensor]:
+        """Features of a training batch where a random half of the rows (about) read their
+        image's mirrored features, each row from the one cache it uses; those rows' captions
+        get their sides swapped in place, and batch["mirrored"] says which rows they are."""
         flip = torch.rand(len(positions), generator=self._mirror_rng) < 0.5
+        images, flipped = np.asarray(positions), flip.numpy()
+        plain = self._features(self._train_rows[images[~flipped]])
+        mirrored = self._features(self._mirror_train_rows[images[flipped]], self._mirror)
+        # plain rows first, then mirrored: put each back at its position in the batch
+        where = torch.cat([(~flip).nonzero().view(-1), flip.nonzero().view(-1)]).argsort()
+        batch = {key: torch.cat([plain[key], mirrored[key]])[where] for key in plain}
+        captions[flip] = self._mirror_ids[captions[flip]]
         batch["mirrored"] = flip
-        if not flip.any():
-            return
-        rows = flip.nonzero().view(-1)
-        feats = self._mirror.get(self._mirror_train_rows[[positions[i] for i in rows.tolist()]],
-                                 grid=self.hparams.load_grid)
-        batch["pooled"][rows] = feats.pooled
-        if self.hparams.load_grid:
-            batch["grid"][rows] = feats.grid
-        captions[rows] = self._mirror_ids[captions[rows]]
+        return batch
 
     def _collate_val(self, positions: list[int]) -> dict[str, Tensor]:
         batch = (self._features(self._val_rows[positions]) if self.hparams.mode == "features"
@@ -281,7 +281,7 @@ class CaptionDataModule(pl.LightningDataModule):
         sampler = LengthBucketSampler([self.train_set.caption_length(k) for k in range(len(self.train_set))],
                                       self.hparams.batch_size, seed=self.hparams.seed)
         sampler.set_epoch(epoch)
-        self._mirror_rng = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + epoch)
+        self._mirror_rng.manual_seed(self.hparams.seed * 1_000_003 + epoch)
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=self._collate_train, num_workers=self.hparams.num_workers)
 

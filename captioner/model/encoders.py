@@ -75,8 +75,8 @@ class Preprocessing:
     crops the centre size x size, as torchvision's classification transforms do.
     `mean`/`std` apply to pixels scaled to 0..1. `mirror` flips every image left-right
     after resizing: a second view of the same images (training augmentation of cached
-    features, `data.mirror_cache`); it is left out of `to_dict` when off, so unmirrored fingerprints and
-    model files read the same as before it existed.
+    features, `data.mirror_cache`); it is left out of `to_dict` when off, so unmirrored
+    fingerprints and model files read the same as before it existed.
     """
 
     size: int
