@@ -25,7 +25,8 @@ from captioner.export import load_module
 from captioner.modelfile import ModelFileError, save_model
 
 class ExportModelFile(pl.Callback):
-    """On fit end, write the best checkpoint's weights as a model file (rank 0 only).
+    """On fit end, write the best checkpoint's weights as a model file (rank 0 only; never
+    under `fast_dev_run`, whose few untrained steps would replace the run's real model).
 
     The best of the whole run, also when it was resumed with --ckpt_path: the resumed run's
     loggers open a new version directory, the checkpoints' directory moves with them, and
@@ -61,6 +62,9 @@ class ExportModelFile(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: CaptioningModule) -> None:
         if not trainer.is_global_zero:
+            return
+        if trainer.fast_dev_run:  # a smoke test of a real config must not replace its trained model
+            print(f"captioner: fast_dev_run: {self.output} not written")
             return
         best, score = self.best_checkpoint(trainer)
         module = load_module(best) if best else pl_module

@@ -103,6 +103,17 @@ def test_tiny_run_overfits(trained, flickr8k_root):
     assert len(set(hyps)) > TRAIN_IMAGES // 2  # not one caption for every image
 
 
+def test_fast_dev_run_leaves_the_trained_model_file_alone(trained):
+    """A smoke test of a real config (`--trainer.fast_dev_run`) runs its steps but must not
+    replace the model the config's full run exported."""
+    tmp, config = trained
+    model = tmp / "model.safetensors"
+    before = model.read_bytes()
+    proc = train(config, "--trainer.fast_dev_run", "1")
+    assert f"{model} not written" in proc.stdout
+    assert model.read_bytes() == before
+
+
 def test_export_round_trip_gives_identical_captions(trained, flickr8k_root):
     tmp, _ = trained
     out = tmp / "exported.safetensors"
