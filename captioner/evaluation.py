@@ -48,6 +48,14 @@ def evaluate_model(model: str | None, dataset: str, data_root: str, split: str =
 def _captions_from_cache(captioner: Captioner, cache_dir: str, image_ids: list[str], batch_size: int,
                          search: dict) -> list[str]:
     """Decode from a FeatureCache built with the model's encoder (skips the CNN)."""
+    return [best[0][0] for best in nbest_from_cache(captioner, cache_dir, image_ids, batch_size, search)]
+
+
+def nbest_from_cache(captioner: Captioner, cache_dir: str, image_ids: list[str], batch_size: int,
+                     search: dict) -> list[list[tuple[str, float]]]:
+    """Per image, the search's (caption, log-probability) list, best first, decoded from a
+    FeatureCache built with the model's encoder (skips the CNN). `search`: keyword
+    arguments of `Captioner.decode_features` (n_best, sample, generator, ...)."""
     from captioner.data.features import FeatureCache
     cache = FeatureCache.open(cache_dir)
     if cache.encoder != captioner.model.encoder["name"]:
@@ -55,9 +63,11 @@ def _captions_from_cache(captioner: Captioner, cache_dir: str, image_ids: list[s
                            f"the model uses {captioner.model.encoder['name']}")
     rows = [cache.index_of(i) for i in image_ids]
     need_grid = captioner.decoder.config.attention
-    hyps = []
+    lists = []
     for start in range(0, len(rows), batch_size):
         feats = cache.get(rows[start:start + batch_size], grid=need_grid)
         out = captioner.decode_features(feats.grid, feats.pooled, **search)
-        hyps += [captioner.vocabulary.decode(t.tolist()) for t in out.tokens[:, 0]]
-    return hyps
+        lists += [[(captioner.vocabulary.decode(tokens.tolist()), float(logp))
+                   for tokens, logp in zip(image_tokens, image_logp)]
+                  for image_tokens, image_logp in zip(out.tokens, out.log_probs)]
+    return lists
