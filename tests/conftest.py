@@ -26,7 +26,7 @@ def flickr8k_root() -> Path:
     return root
 
 
-def make_tiny_model_file(path: Path, attention: bool = True, seed: int = 0) -> Path:
+def make_tiny_model_file(path: Path, attention: bool = True, seed: int = 0, layers: int = 1) -> Path:
     """A real-format model file: the real EfficientNet-Lite0 spec with a small random decoder.
     Its captions are nonsense, but every code path (loading, search, attention maps) is real."""
     import torch
@@ -39,7 +39,8 @@ def make_tiny_model_file(path: Path, attention: bool = True, seed: int = 0) -> P
     vocab = Vocabulary.build(["a dog runs on the grass", "a man rides a red bike", "two girls play"],
                              min_freq=1)
     cfg = DecoderConfig(vocab_size=len(vocab), feature_dim=encoder_feature_dim("efficientnet-lite0"),
-                        attention=attention, embed_dim=16, hidden_dim=32, attention_dim=16, dropout=0.0)
+                        attention=attention, embed_dim=16, hidden_dim=32, attention_dim=16, dropout=0.0,
+                        num_layers=layers)
     torch.manual_seed(seed)
     decoder = CaptionDecoder(cfg)
     encoder = {"name": "efficientnet-lite0",

@@ -14,10 +14,10 @@ needs_int8 = pytest.mark.skipif(not int8_supported(), reason="this torch build h
 CPU = torch.device("cpu")
 
 
-def decoder(cell="gru", attention=True, seed=0, vocab=300):
+def decoder(cell="gru", attention=True, seed=0, vocab=300, layers=1):
     torch.manual_seed(seed)
     cfg = DecoderConfig(vocab_size=vocab, feature_dim=64, cell=cell, attention=attention, embed_dim=32,
-                        hidden_dim=48, attention_dim=40, dropout=0.0)
+                        hidden_dim=48, attention_dim=40, dropout=0.0, num_layers=layers)
     return CaptionDecoder(cfg).eval().requires_grad_(False).fold_embedding()
 
 
@@ -46,16 +46,17 @@ def test_pinned_linear_is_close_to_float_and_independent_of_the_other_rows():
 
 
 @needs_int8
-@pytest.mark.parametrize("cell,attention", [("gru", True), ("lstm", True), ("gru", False), ("rnn", False)])
-def test_int8_decoder_steps_and_searches_close_to_float32(cell, attention):
-    dec = decoder(cell, attention)
+@pytest.mark.parametrize("cell,attention,layers", [("gru", True, 1), ("lstm", True, 1), ("gru", False, 1),
+                                                   ("rnn", False, 1), ("gru", True, 2), ("lstm", False, 2)])
+def test_int8_decoder_steps_and_searches_close_to_float32(cell, attention, layers):
+    dec = decoder(cell, attention, layers=layers)
     mem = memory_of(dec)
     state, tokens = dec.init_state(mem), torch.tensor([1, 5, 9, 2, 7, 11])
     expected, _, _ = dec.step(tokens, state, mem)
     reference = beam_search(dec, mem, beam_size=3, max_length=12)
     assert quantize_decoder(dec, feature_range=(0.0, 6.0)) is dec and dec.quantized
     assert isinstance(dec.output, PinnedRangeInt8Linear)
-    assert (dec.context_gates is not None) == attention
+    assert (dec.context_gates is not None) == (attention and layers == 1)  # two layers: nn.GRU takes the context
     got, _, _ = dec.step(tokens, state, mem)
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
     int8 = beam_search(dec, mem, beam_size=3, max_length=12)
@@ -73,12 +74,32 @@ def test_without_a_feature_range_the_context_product_stays_float32():
 
 @needs_int8
 def test_int8_is_for_inference_only():
+    for layers in (1, 2):
+        with pytest.raises(ValueError, match="fold_embedding"):
+            quantize_decoder(CaptionDecoder(decoder(layers=layers).config).eval())  # never folded
     with pytest.raises(ValueError, match="fold_embedding"):
-        quantize_decoder(CaptionDecoder(decoder().config).eval())  # never folded
+        quantize_decoder(decoder(layers=2).train().eval())  # folded, then trained: no longer frozen
     dec = quantize_decoder(decoder())
     with pytest.raises(RuntimeError, match="inference only"):
         dec.train()
     dec.eval()  # eval stays allowed
+
+
+@needs_int8
+def test_a_two_layer_model_file_captions_in_int8(tmp_path):
+    """The CPU default (int8) for a `model.num_layers: 2` decoder: loads and captions like float32."""
+    from conftest import REPO, make_tiny_model_file
+    from captioner.api import Captioner
+
+    path = make_tiny_model_file(tmp_path / "two-layer.safetensors", layers=2)
+    images = sorted((REPO / "demo" / "images").glob("*.jpg"))
+    int8 = Captioner.load(path, device="cpu")
+    assert int8.precision == "int8" and int8.decoder.quantized
+    got = int8.caption(images, beam_size=3)
+    expected = Captioner.load(path, device="cpu", precision="float32").caption(images, beam_size=3)
+    assert all(r.ok and r.words for r in got)
+    for a, b in zip(got, expected):
+        assert abs(a.log_prob - b.log_prob) < 0.05 * abs(b.log_prob) + 0.1
 
 
 @needs_int8

@@ -132,6 +132,7 @@ class CaptionDecoder(nn.Module):
         # input gates as an int8 product, in place of _context_weight.
         self.context_gates: nn.Module | None = None
         self.quantized = False
+        self.folded = False  # fold_embedding() ran: frozen for inference (also when nothing folds)
 
     # ---- inference interface ---------------------------------------------------------------
     def fold_embedding(self) -> CaptionDecoder:
@@ -139,7 +140,9 @@ class CaptionDecoder(nn.Module):
         pre-activations (embedding @ W_ih[:, :E].T + b_ih, a [V, gates] table), so a
         one-layer step looks its words' rows up instead of multiplying by W_ih's word half
         (the whole W_ih without attention: a third of a 512-wide GRU step's multiply-adds).
-        Same maths, float rounding aside; `.train()` drops the tables."""
+        Same maths, float rounding aside; `.train()` drops the tables. A multi-layer decoder
+        steps through nn.GRU / nn.LSTM, so it has nothing to fold; it is marked frozen alike."""
+        self.folded = True
         if self.config.num_layers != 1:
             return self
         e = self.config.embed_dim
@@ -154,6 +157,7 @@ class CaptionDecoder(nn.Module):
             raise RuntimeError("an int8 decoder is for inference only: load the model file again to train it")
         if mode:
             self._token_gates = self._context_weight = None  # the weights are about to change
+            self.folded = False
         return super().train(mode)
 
     def memory(self, grid: Tensor | None, pooled: Tensor) -> Memory:

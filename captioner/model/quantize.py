@@ -4,9 +4,9 @@ Why: on a 2-core CPU beam search is matrix products over few rows (batch x beam)
 PyTorch's x86 int8 kernels (FBGEMM, through `torch.ao.nn.quantized.dynamic.Linear`: weights
 int8 per output channel, activations quantized on the fly) run about 2x faster than float32.
 Quantized: each decoder's output projection (hidden -> vocabulary, the largest), the attention
-gate (hidden -> channels) and, when the encoder's features are bounded, the context's share of
-the cell's input (channels -> gates). The recurrent products, the attention energies and the
-softmax stay float32. The shipped model's dev BLEU-4 moves by at most 0.0005 (README).
+gate (hidden -> channels) and, when the encoder's features are bounded and the decoder has one
+layer (whose input products are folded), the context's share of the cell's input (channels ->
+gates). The recurrent products, the attention energies and the softmax stay float32. The shipped model's dev BLEU-4 moves by at most 0.0005 (README).
 
 A caption must not depend on the other images in its batch. Dynamic quantization takes the
 activations' scale from the range of the whole input, so every row would shift with its
@@ -102,13 +102,15 @@ def quantize_decoder(decoder: CaptionDecoder | EnsembleDecoder,
 def _quantize_member(member: CaptionDecoder, feature_range: tuple[float, float] | None) -> None:
     if member.quantized:
         return
-    if member._token_gates is None:
+    if not member.folded:
         raise ValueError("quantize a decoder after fold_embedding(): int8 is for inference")
     member.output = PinnedRangeInt8Linear(member.output.weight, member.output.bias, HIDDEN_RANGE)
     if member.attention is not None:
         gate = member.attention.gate
         member.attention.gate = PinnedRangeInt8Linear(gate.weight, gate.bias, HIDDEN_RANGE)
-        if feature_range is not None:  # the gated context: a gate in (0, 1) times a mean of features
+        # The gated context (a gate in (0, 1) times a mean of features) enters a one-layer
+        # cell's gates as its own product; a multi-layer cell (nn.GRU / nn.LSTM) takes it whole.
+        if feature_range is not None and member._context_weight is not None:
             low, high = min(feature_range[0], 0.0), max(feature_range[1], 0.0)
             member.context_gates = PinnedRangeInt8Linear(member._context_weight, None, (low, high))
     member.quantized = True
