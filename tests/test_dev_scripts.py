@@ -1,5 +1,6 @@
-"""n-best lists from a feature cache (`nbest_from_cache`) and the dev-only reranking
-experiment built on them (`scripts/rerank_nbest.py`)."""
+"""n-best lists from a feature cache (`nbest_from_cache`) and the dev-only experiment scripts
+built on them: reranking (`scripts/rerank_nbest.py`) and ensemble search
+(`scripts/search_ensembles.py`)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, make_tiny_model_file
 from captioner.api import Captioner
 from captioner.data.sources import DatasetError, read_dataset
 from captioner.evaluation import evaluate_model, nbest_from_cache
@@ -15,8 +16,8 @@ from captioner.evaluation import evaluate_model, nbest_from_cache
 DEV_IMAGES = 3
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("rerank_nbest", REPO / "scripts" / "rerank_nbest.py")
+def load_script(name: str = "rerank_nbest"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -89,3 +90,18 @@ def test_script_scores_every_rule_on_dev_and_writes_its_report(dev_cache, tiny_m
     report = json.loads(out.read_text())
     assert report["rules"] == rows and report["n_images"] == DEV_IMAGES and report["split"] == "dev"
     assert [p.name for p in tmp_path.iterdir()] == ["rerank.json"]  # no temporary left behind
+
+
+def test_ensemble_search_scores_pairs_then_grows_the_best_into_triples(dev_cache, flickr8k_root, tmp_path, capsys):
+    cache, _ = dev_cache
+    models = [f"m{i}={make_tiny_model_file(tmp_path / f'm{i}.safetensors', seed=i)}" for i in range(3)]
+    out = tmp_path / "search.jsonl"
+    rows = load_script("search_ensembles").main([*models, "--data-root", str(flickr8k_root), "--features", str(cache),
+                                                 "--beam", "2", "--extend", "1", "--limit", str(DEV_IMAGES),
+                                                 "--output", str(out)])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(map(str, printed)) == sorted(map(str, rows))
+    assert sorted(tuple(r["members"]) for r in rows) == [("m0", "m1"), ("m0", "m1", "m2"), ("m0", "m2"), ("m1", "m2")]
+    assert [r["bleu4"] for r in rows] == sorted((r["bleu4"] for r in rows), reverse=True)
+    assert all(set(r["demo"]) == {"astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"} for r in rows)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
