@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import warnings
 
 import torch
@@ -40,15 +39,10 @@ def expected_bleu(candidates: list[list[str]], evidence: list[list[str]], weight
     return (scores * torch.tensor(weights)).sum(1).tolist()
 
 
-def softmax(log_probs: list[float], temperature: float) -> list[float]:
-    top = max(log_probs)
-    w = [math.exp((lp - top) / temperature) for lp in log_probs]
-    return [x / sum(w) for x in w]
-
-
 def rerank_by_nbest(nbest: NBest, temperature: float) -> str:
     tokens = [tokenize(c) for c, _ in nbest]
-    utility = expected_bleu(tokens, tokens, softmax([lp for _, lp in nbest], temperature))
+    belief = torch.softmax(torch.tensor([lp for _, lp in nbest]) / temperature, dim=0)
+    utility = expected_bleu(tokens, tokens, belief.tolist())
     return nbest[max(range(len(nbest)), key=utility.__getitem__)][0]
 
 

@@ -32,7 +32,10 @@ def named_models(specs: list[str]) -> dict[str, str]:
     named = {}
     for spec in specs:
         name, _, path = spec.rpartition("=")
-        named[name or Path(path).parent.name] = path
+        name = name or Path(path).parent.name
+        if name in named:
+            raise SystemExit(f"two models are named {name!r}: name them NAME=PATH")
+        named[name] = path
     if len(named) < 2:
         raise SystemExit("need at least two model files")
     return named
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                   dict(beam_size=args.beam, n_best=1, length_penalty=0.0))]
         row = {"members": list(members), **{k: round(v, 4) for k, v in bleu_scores(hyps, references).items()},
                "distinct_captions": diversity_scores(hyps)["distinct_captions"],
-               "demo": {r.image.rsplit("/", 1)[-1]: r.caption for r in captioner.caption(DEMO, beam_size=3)}}
+               "demo": {Path(r.image).name: r.caption for r in captioner.caption(DEMO, beam_size=3)}}
         print(json.dumps(row), flush=True)
         return row
 

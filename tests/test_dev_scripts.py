@@ -105,3 +105,13 @@ def test_ensemble_search_scores_pairs_then_grows_the_best_into_triples(dev_cache
     assert [r["bleu4"] for r in rows] == sorted((r["bleu4"] for r in rows), reverse=True)
     assert all(set(r["demo"]) == {"astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"} for r in rows)
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+
+
+def test_ensemble_search_names_its_models_and_refuses_ambiguous_names():
+    named = load_script("search_ensembles").named_models
+    assert named(["a=runs/x/model.safetensors", "runs/y/model.safetensors"]) == \
+        {"a": "runs/x/model.safetensors", "y": "runs/y/model.safetensors"}
+    with pytest.raises(SystemExit, match="two models are named 'x'"):
+        named(["runs/x/model.safetensors", "other/x/model.safetensors"])
+    with pytest.raises(SystemExit, match="at least two"):
+        named(["runs/x/model.safetensors"])

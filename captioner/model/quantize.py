@@ -6,7 +6,8 @@ int8 per output channel, activations quantized on the fly) run about 2x faster t
 Quantized: each decoder's output projection (hidden -> vocabulary, the largest), the attention
 gate (hidden -> channels) and, when the encoder's features are bounded and the decoder has one
 layer (whose input products are folded), the context's share of the cell's input (channels ->
-gates). The recurrent products, the attention energies and the softmax stay float32. The shipped model's dev BLEU-4 moves by at most 0.0005 (README).
+gates). The recurrent products, the attention energies and the softmax stay float32. The
+shipped model's dev BLEU-4 moves by at most 0.0005 (README).
 
 A caption must not depend on the other images in its batch. Dynamic quantization takes the
 activations' scale from the range of the whole input, so every row would shift with its
