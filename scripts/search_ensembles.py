@@ -19,9 +19,9 @@ import warnings
 from pathlib import Path
 
 from captioner.api import Captioner
-from captioner.data.sources import DatasetWarning, read_dataset
-from captioner.evaluation import nbest_from_cache
-from captioner.metrics import bleu_scores, diversity_scores
+from captioner.data.sources import DatasetWarning
+from captioner.evaluation import evaluate_model
+from captioner.metrics import BLEU_KEYS
 from captioner.modelfile import atomic_write_text, combine_models, load_model
 
 DEMO = sorted((Path(__file__).resolve().parents[1] / "demo" / "images").glob("*.jpg"))
@@ -54,16 +54,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warnings.simplefilter("ignore", DatasetWarning)
     paths = named_models(args.models)
     models = {name: load_model(path) for name, path in paths.items()}
-    records = [r for r in read_dataset("flickr8k", args.data_root, splits=["dev"]) if r.split == "dev"][:args.limit]
-    ids, references = [r.image_id for r in records], [list(r.captions) for r in records]
 
     def score(members: tuple[str, ...]) -> dict:
         captioner = Captioner(combine_models([models[m] for m in members], names=[paths[m] for m in members]),
                               device="cpu", source="+".join(members))
-        hyps = [n[0][0] for n in nbest_from_cache(captioner, args.features, ids, 32,
-                                                  dict(beam_size=args.beam, n_best=1, length_penalty=0.0))]
-        row = {"members": list(members), **{k: round(v, 4) for k, v in bleu_scores(hyps, references).items()},
-               "distinct_captions": diversity_scores(hyps)["distinct_captions"],
+        scores = evaluate_model(captioner.source, "flickr8k", args.data_root, split="dev", beam_size=args.beam,
+                                length_penalty=0.0, limit=args.limit, features=args.features, captioner=captioner)
+        row = {"members": list(members), **{k: round(scores[k], 4) for k in BLEU_KEYS},
+               "distinct_captions": scores["distinct_captions"],
                "demo": {Path(r.image).name: r.caption for r in captioner.caption(DEMO, beam_size=3)}}
         print(json.dumps(row), flush=True)
         return row
