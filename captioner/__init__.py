@@ -1,17 +1,24 @@
 """captioner: CNN encoder + recurrent decoder image captioning.
 
+    from captioner import Captioner
+    Captioner.load().caption("photo.jpg")[0].caption
+
 Importing this package is cheap and never imports Lightning: inference needs only torch,
-torchvision, Pillow and a model file.
+torchvision, Pillow and a model file. `__version__` is the one place the release is written
+(pyproject.toml reads it).
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-__all__ = ["Captioner", "__version__"]
+__version__ = "1.0.0"
+__all__ = ["Captioner", "DecodingConfig", "__version__"]
 
 
 def __getattr__(name: str):
-    # Lazy so `import captioner` (and the CLI's start-up) does not pay for torch until needed.
+    # Lazy, so `import captioner` (and the CLI's start-up) does not pay for torch until needed.
     if name == "Captioner":
         from captioner.api import Captioner
         return Captioner
+    if name == "DecodingConfig":
+        from captioner.decoding import DecodingConfig
+        return DecodingConfig
     raise AttributeError(name)

@@ -1,151 +1,200 @@
-"""The library side of `captioner caption | evaluate | export | ensemble`; cli.py only parses.
+"""One handler per `captioner` subcommand: the only code that prints. The library raises;
+`cli.main` turns what escapes into one `captioner: error: ...` line and an exit status.
 
-Each command reports per-file problems as `captioner: error: PATH: reason` and keeps going;
-the exit status is 1 if anything failed.
+Per-file problems are reported as `captioner: error: PATH: reason` and the command keeps
+going; the exit status is then 1.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
+from typing import Any, Sequence
 
-from captioner.cli import CaptionerError, error_line
+PROG = "captioner"
+DECODING_OPTIONS = ("beam_size", "n_best", "max_length", "length_penalty", "sample", "temperature", "top_k",
+                    "seed", "precision")
 
 
-def _load_captioner(model: str | None, device: str, precision: str = "auto"):
+def error_line(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def warning_line(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding options given on the command line (the rest: the model's defaults)."""
+    return {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name, None) is not None}
+
+
+def load_captioner(model: str | None, device: str, overrides: dict[str, Any]):
+    """The model, and the decoding this command uses, checked before any work."""
     from captioner.api import Captioner
-    from captioner.modelfile import ModelFileError
-    try:
-        return Captioner.load(model, device=device, precision=precision)
-    except (ModelFileError, ValueError) as exc:
-        raise CaptionerError(str(exc)) from None
+    captioner = Captioner.load(model, device=device)
+    config = captioner.settings(**overrides)
+    captioner.decoder_for(config.precision)  # an impossible precision fails here
+    return captioner, config
 
+
+# ---- caption -----------------------------------------------------------------------------
 
 def caption(args: argparse.Namespace) -> int:
-    from captioner.images import find_images
-    images, missing = find_images(args.paths)
-    failed = len(missing)
-    for given, reason in missing:
-        error_line(f"{_shown(given)}: {reason}")
-    if not images:
-        return 1
+    """Caption every image found; print `NAME<TAB>caption` (names escaped, `formats.py`) or
+    one JSON object per image."""
+    from captioner.formats import escape_name, json_line
+    maps = None
     if args.attention_maps is not None:
-        try:  # before any work: a bad directory must not surface after the first image
-            Path(args.attention_maps).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CaptionerError(f"{args.attention_maps}: cannot create the attention map directory "
-                                 f"({exc.strerror or exc})") from None
-    captioner = _load_captioner(args.model, args.device, args.precision)
-    beam_size, _ = captioner.search_settings(args.beam_size)
-    if not args.sample and args.n_best > beam_size:
-        raise CaptionerError(f"--n-best {args.n_best} needs --beam-size >= {args.n_best} "
-                             f"(the model's beam size is {beam_size})")
-    want_maps = args.attention_maps is not None
-    if want_maps and not captioner.decoder.config.attention:
-        error_line(f"{args.model or 'default model'}: has no attention; --attention-maps ignored")
-        want_maps = False
-    results = captioner.iter_captions(
-        images, beam_size=beam_size, n_best=args.n_best, max_length=args.max_length,
-        length_penalty=args.length_penalty, sample=args.sample, temperature=args.temperature,
-        top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, return_attention=want_maps)
+        from captioner.attention_maps import AttentionMapWriter
+        maps = AttentionMapWriter(args.attention_maps)  # checked before any work
+    captioner, config = load_captioner(args.model, args.device, decoding_overrides(args))
+    if maps is not None and not captioner.has_attention:
+        warning_line(f"{args.model or 'the default model'} has no attention; --attention-maps ignored")
+        maps = None
     _paths_as_bytes(sys.stdout)
-    for result in results:
-        name = _shown(result.image)
+    problems = [0]
+    images = _found_images(args.paths, problems)
+    failed = 0
+    for result in captioner.iter_captions(images, config, batch_size=args.batch_size,
+                                          return_attention=maps is not None):
+        name = escape_name(result.image)
         if not result.ok:
             failed += 1
             error_line(f"{name}: {result.error}")
             continue
+        written = maps.write(result) if maps is not None and result.attention else None
         if args.format == "jsonl":
-            print(_json_line(result.to_json()), flush=True)
+            row = result.to_json()
+            if written:
+                row["attention_map"] = str(written)
+            print(json_line(row), flush=True)
         else:
             print(f"{name}\t{result.caption}", flush=True)
             for alt in result.alternatives[1:]:
                 print(f"{name}\t  {alt.caption}\t({alt.log_prob:.3f})", flush=True)
-        if want_maps and result.attention:
-            try:
-                _write_map(args.attention_maps, result, captioner)
-            except OSError as exc:  # disk full, directory removed meanwhile: stop, one line
-                raise CaptionerError(f"{args.attention_maps}: cannot write the attention map of {name} "
-                                     f"({exc.strerror or exc})") from None
-    return 1 if failed else 0
+    return 1 if failed or problems[0] else 0
 
 
-def _shown(path) -> str:
-    """A path as printed in a one-line-per-image output: line breaks escaped, the rest as is."""
-    return str(path).replace("\r", "\\r").replace("\n", "\\n")
+def _found_images(paths: Sequence[str], problems: list[int]):
+    """The images of `paths` as they are found (`discovery.iter_images`), each problem
+    printed as one line and counted in problems[0]."""
+    from captioner.discovery import iter_images
+    from captioner.formats import escape_name
+    for found in iter_images(paths):
+        if found.ok:
+            yield found.path
+        else:
+            problems[0] += 1
+            error_line(f"{escape_name(found.path)}: {found.problem}")
 
 
 def _paths_as_bytes(stream) -> None:
-    """Print file names that are not valid UTF-8 (os.fsdecode's lone surrogates) as their
-    original bytes, as ls does, instead of failing with UnicodeEncodeError mid-run."""
+    """Undecodable bytes of names reach the escaper as surrogates; never fail on them."""
     if hasattr(stream, "reconfigure") and (stream.errors or "strict") == "strict":
         stream.reconfigure(errors="surrogateescape")
 
 
-def _json_line(obj: dict) -> str:
-    """One JSON object; non-ASCII as is, unless a file name has undecodable bytes: then \\u
-    escapes keep the line valid UTF-8 (os.fsencode of the parsed name gives the bytes back)."""
-    line = json.dumps(obj, ensure_ascii=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        line = json.dumps(obj)
-    return line
-
-
-def _write_map(out_dir: str, result, captioner) -> None:
-    from captioner.attention_maps import write_attention_png
-    from captioner.images import load_image
-    write_attention_png(out_dir, result.image, load_image(result.image), result.words, result.attention,
-                        result.grid_shape)
-
+# ---- evaluate ----------------------------------------------------------------------------
 
 def evaluate(args: argparse.Namespace) -> int:
     from captioner.evaluation import evaluate_model
-    from captioner.api import resolve_device
-    from captioner.data.features import StaleCacheError
-    from captioner.data.sources import DatasetError
-    from captioner.model.quantize import resolve_precision
-    from captioner.modelfile import ModelFileError
-    try:
-        resolve_precision(args.precision, resolve_device(args.device))
-    except ValueError as exc:
-        raise CaptionerError(str(exc)) from None
-    try:
-        metrics = evaluate_model(
-            model=args.model, dataset=args.dataset, data_root=args.data_root, split=args.split,
-            beam_size=args.beam_size, length_penalty=args.length_penalty, max_length=args.max_length,
-            batch_size=args.batch_size, limit=args.limit, features=args.features, device=args.device,
-            precision=args.precision, output=args.output, predictions=args.predictions)
-    except (DatasetError, ModelFileError, StaleCacheError) as exc:
-        raise CaptionerError(str(exc)) from None
-    except KeyError as exc:  # FeatureCache.index_of: an image of the split is not in --features
-        if "feature cache" not in str(exc):
-            raise
-        raise CaptionerError(f"{exc.args[0]}; build the cache for this split with `captioner features`") from None
-    print(" ".join(f"{k.upper()} {metrics[k]:.4f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")) +
-          f"  ({metrics['n_images']} images, beam {metrics['beam_size']}; {metrics['distinct_captions']} "
-          f"distinct captions, {metrics['distinct_words']} words, {metrics['mean_length']:.1f} words each)")
+    from captioner.metrics import BLEU_KEYS
+    captioner, config = load_captioner(args.model, args.device, decoding_overrides(args))
+    metrics = evaluate_model(captioner, args.dataset, args.data_root, split=args.split, decoding=config,
+                             batch_size=args.batch_size, limit=args.limit, features=args.features,
+                             output=args.output, predictions=args.predictions)
+    shown = [f"{k.upper()} {metrics[k]:.4f}" for k in BLEU_KEYS]
+    shown += [f"{label} {metrics[k]:.4f}" for k, label in (("cider_d", "CIDEr-D"), ("rouge_l", "ROUGE-L")) if k in metrics]
+    print(" ".join(shown) + f"  ({metrics['n_images']} images, beam {config.beam_size}; "
+          f"{metrics['distinct_captions']} distinct captions, {metrics['distinct_words']} words, "
+          f"{metrics['mean_length']:.1f} words each)")
     return 0
 
 
+# ---- features ----------------------------------------------------------------------------
+
+def features(args: argparse.Namespace) -> int:
+    from captioner.api import resolve_device
+    from captioner.data.extract import build_dataset_cache
+    device = resolve_device(args.device)
+    report = build_dataset_cache(args.dataset, args.data_root, args.out, encoder=args.encoder, splits=args.splits,
+                                 batch_size=args.batch_size, workers=args.workers, device=device,
+                                 skip_missing=args.skip_missing)
+    n, length, dim = report.cache.index["grid_shape"]
+    rate = report.encoded / report.seconds if report.encoded and report.seconds > 0 else 0.0
+    repaired = f", {report.repaired} damaged rows repaired" if report.repaired else ""
+    print(f"features: {report.encoded} images encoded in {report.seconds:.1f} s ({rate:.1f} images/s){repaired}; "
+          f"{args.out}: {n} images x {length} x {dim} ({report.cache.encoder})")
+    return 0
+
+
+# ---- export, ensemble, info --------------------------------------------------------------
+
 def export(args: argparse.Namespace) -> int:
     from captioner.export import export_checkpoint
-    try:
-        export_checkpoint(args.checkpoint, args.output, average=args.average)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CaptionerError(f"{args.checkpoint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    print(f"captioner: wrote {args.output}", file=sys.stderr)
+    export_checkpoint(args.checkpoint, args.output, name=args.name)
+    print(f"{PROG}: wrote {args.output}", file=sys.stderr)
     return 0
 
 
 def ensemble(args: argparse.Namespace) -> int:
-    from captioner.modelfile import ModelFileError, combine_models, load_model, save_model
-    try:
-        combined = combine_models([load_model(path) for path in args.models], names=list(args.models))
-        save_model(args.output, combined)
-    except (ModelFileError, OSError) as exc:
-        raise CaptionerError(str(exc)) from None
-    print(f"captioner: wrote {args.output} ({len(combined.members)} decoders)", file=sys.stderr)
+    from captioner.modelfile import combine_models, load_model, save_model
+    from captioner.outputs import check_output
+    check_output(args.output, "ensemble model file", inputs=args.models)
+    combined = combine_models([load_model(path) for path in args.models], names=list(args.models))
+    combined.name = args.name or ""
+    save_model(args.output, combined)
+    print(f"{PROG}: wrote {args.output} ({len(combined.members)} decoders)", file=sys.stderr)
     return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    from captioner.api import DEFAULT_MODEL
+    from captioner.formats import json_line
+    from captioner.modelfile import load_model
+    path = args.model or str(DEFAULT_MODEL)
+    model = load_model(path)
+    summary = {"model": path, "name": model.name, "version": model.version, "encoder": model.encoder["name"],
+               "decoders": [c.to_dict() for c, _ in model.members], "vocabulary": len(model.vocabulary),
+               "decoding": model.decoding.to_dict(), "scores": model.scores}
+    if args.json:
+        print(json_line(summary))
+        return 0
+    for line in info_lines(summary):
+        print(line)
+    return 0
+
+
+def info_lines(summary: dict[str, Any]) -> list[str]:
+    """`captioner info` as text: what the model is, how it decodes, how it scores."""
+    decoders = summary["decoders"]
+    cells = ", ".join(f"{d['cell']}{'+attention' if d['attention'] else ''} {d['hidden_dim']}" for d in decoders)
+    d = summary["decoding"]
+    mode = "sampling" if d["sample"] else f"beam {d['beam_size']}"
+    lines = [f"model     {summary['model']}",
+             f"name      {summary['name'] or '(unnamed)'}",
+             f"release   {summary['version'] or '(unknown)'}",
+             f"encoder   {summary['encoder']}",
+             f"decoders  {len(decoders)}: {cells}; vocabulary {summary['vocabulary']} words",
+             f"decoding  {mode}, length penalty {d['length_penalty']:g}, max length {d['max_length']}, "
+             f"precision {d['precision']}"]
+    for split, table in sorted((summary["scores"] or {}).items()):
+        if isinstance(table, dict):
+            for setting, values in sorted(table.items()):
+                if isinstance(values, dict):
+                    shown = " ".join(f"{k} {v:.4f}" for k, v in values.items()
+                                     if isinstance(v, float) and not k.startswith(("seconds", "mean")))
+                    lines.append(f"{split:<9} {setting:<7} {shown}")
+    return lines
+
+
+# ---- train, recipe -----------------------------------------------------------------------
+
+def train(argv: Sequence[str]) -> int:
+    from captioner.train import run_training
+    return run_training(argv)
+
+
+def recipe(argv: Sequence[str]) -> int:
+    from captioner.recipe import main as recipe_main
+    return recipe_main(argv)

@@ -1,92 +1,76 @@
-"""Lightning checkpoint -> model file. Checkpoints are read with torch's weights-only
-unpickler, so a tampered `.ckpt` cannot run code while being exported."""
+"""`captioner export CKPT OUT.safetensors`: a training checkpoint becomes a model file.
+
+Checkpoints are pickles, so they are read only through torch's weights-only unpickler, which
+builds tensors and plain data and refuses anything that would import code; a refusal or a
+broken file is one `CheckpointError` line, never torch's page of advice to set
+`weights_only=False` (never do that here).
+"""
 from __future__ import annotations
 
+import os
+import pickle
 import re
+import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
+from captioner.errors import CheckpointError, shown_path
 from captioner.modelfile import save_model
+from captioner.outputs import check_output
 
 
-def load_module(checkpoint: str | Path):
-    """The CaptioningModule of a training checkpoint (restricted unpickler, CPU)."""
-    from captioner.model.module import CaptioningModule
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError("no such checkpoint file")
-    _check_checkpoint(path)
-    return CaptioningModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
-
-
-def _check_checkpoint(path: Path) -> None:
-    """Read the file with torch's weights-only unpickler first, so that a refusal or a broken
-    file becomes a ValueError with a one-line reason instead of torch's page-long
-    UnpicklingError (which also suggests `weights_only=False`: never do that here)."""
-    import pickle
-    import warnings
-
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A Lightning checkpoint's dict, read with the weights-only unpickler; CheckpointError
+    with a one-line reason otherwise."""
     import torch
+    path = Path(path)
+    shown = shown_path(path)
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{shown}: cannot read the checkpoint ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{shown}: not a regular file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4 ..."
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4 ..." and the like
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         match = re.search(r"GLOBAL (\S+)", str(exc))
         if match:
-            raise ValueError(f"refused: unpickling it would import {match[1]}, which could run code; "
-                             "nothing in it was run (only tensors and plain data are read)") from None
-        detail = [line for line in str(exc).splitlines() if line.strip()][-2:-1] or ["unreadable pickle"]
-        raise ValueError(f"not a checkpoint that the weights-only unpickler can read ({detail[0].strip()}); "
-                         "nothing in it was run") from None
+            raise CheckpointError(f"{shown}: refused: unpickling it would import {match[1]}, which could run "
+                                  "code; nothing in it was run (only tensors and plain data are read)") from None
+        raise CheckpointError(f"{shown}: not a checkpoint the weights-only unpickler can read; nothing in it "
+                              "was run") from None
     except EOFError:
-        raise ValueError("empty or truncated checkpoint file") from None
-    except RuntimeError as exc:
-        raise ValueError(f"not a readable PyTorch checkpoint ({str(exc).splitlines()[0].split('. ')[0]})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError("not a Lightning training checkpoint (no state_dict)")
+        raise CheckpointError(f"{shown}: empty or truncated checkpoint file") from None
+    except (RuntimeError, ValueError, OSError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:200]
+        raise CheckpointError(f"{shown}: not a readable PyTorch checkpoint ({detail})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{shown}: not a Lightning training checkpoint (no state_dict)")
+    return checkpoint
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, training: dict[str, Any] | None = None,
-                      scores: dict[str, Any] | None = None, average: list[str | Path] | tuple = ()) -> None:
-    """Write `checkpoint` as a model file; with `average`, its weights are first replaced by
-    the mean of its own and those checkpoints' (see `average_weights`)."""
+def load_module(checkpoint: str | os.PathLike[str]):
+    """The CaptioningModule of a training checkpoint (weights-only unpickler, CPU)."""
+    from captioner.model.module import CaptioningModule
+    read_checkpoint(checkpoint)  # one clear line for anything unreadable, before Lightning reads it
+    try:
+        return CaptioningModule.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{shown_path(checkpoint)}: not a captioner training checkpoint ({detail})") from None
+
+
+def export_checkpoint(checkpoint: str | os.PathLike[str], output: str | os.PathLike[str], name: str | None = None,
+                      training: dict[str, Any] | None = None, scores: dict[str, Any] | None = None) -> None:
+    """Write `checkpoint` as a model file at `output` (never over the checkpoint itself)."""
+    check_output(output, "model file", inputs=[checkpoint])
     module = load_module(checkpoint)
     if module.vocabulary is None:
-        raise ValueError("checkpoint has no vocabulary (not written by captioner train?)")
-    provenance: dict[str, Any] = {"checkpoint": str(checkpoint)}
-    if average:
-        average_weights(module, list(average))
-        provenance["averaged_with"] = [str(p) for p in average]
-    save_model(output, module.to_model_file({**provenance, **(training or {})}, scores))
-
-
-def average_weights(module, others: list[str | Path]) -> None:
-    """Checkpoint averaging: set `module`'s weights (decoder, and encoder when fine-tuned) to
-    the mean of its own and `others`' (checkpoints of the same run, e.g. the best and the last
-    epoch). On Flickr8k it raised dev BLEU-4 at beam 3 by 0.008 (attention GRU-256) and 0.012
-    (GRU-512) at no inference cost (README, recipe experiments). Checkpoints must share the
-    decoder configuration, the encoder and the vocabulary; integer buffers keep `module`'s."""
-    import torch
-    state = module.state_dict()
-    total = {name: t.clone() for name, t in state.items() if t.is_floating_point()}
-    for path in others:
-        try:
-            other = load_module(path)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot average with {path}: {exc}") from None
-        mine, theirs = module.decoder.config.to_dict(), other.decoder.config.to_dict()
-        if mine != theirs:
-            differ = ", ".join(f"{k} {theirs[k]} vs {mine[k]}" for k in mine if mine[k] != theirs[k])
-            raise ValueError(f"cannot average with {path}: its decoder differs ({differ})")
-        if other.vocabulary is None or list(other.vocabulary.words) != list(module.vocabulary.words):
-            raise ValueError(f"cannot average with {path}: its vocabulary differs")
-        other_state = other.state_dict()
-        if set(other_state) != set(state) or any(other_state[n].shape != state[n].shape for n in state):
-            raise ValueError(f"cannot average with {path}: its weights have other names or shapes "
-                             "(a different encoder or fine-tuning setting)")
-        for name in total:
-            total[name] += other_state[name]
-    with torch.no_grad():
-        for name, summed in total.items():
-            state[name].copy_(summed / (len(others) + 1))
+        raise CheckpointError(f"{shown_path(checkpoint)}: has no vocabulary (not written by captioner train?)")
+    model = module.to_model_file({"checkpoint": str(checkpoint), **(training or {})}, scores)
+    model.name = name or ""
+    save_model(output, model)

@@ -247,12 +247,13 @@ def _coco_on_tokens(hyp_tokens: list[Tokens], ref_tokens: list[list[Tokens]], me
 
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-                  coco: bool = False) -> dict[str, float]:
-    """BLEU-1..4, plus the COCO metrics when `coco=True` (ImportError if not installed)."""
+                  coco: bool = False, meteor: bool = True) -> dict[str, float]:
+    """BLEU-1..4, plus the COCO metrics when `coco=True` (ImportError if not installed);
+    `meteor=False` leaves METEOR (a Java subprocess) out."""
     if coco:
         _coco_scorers()  # fail before the work when pycocoevalcap is missing
     tokens = _prepare(hypotheses, references)
     scores = _bleu_on_tokens(*tokens)
     if coco:
-        scores.update(_coco_on_tokens(*tokens))
+        scores.update(_coco_on_tokens(*tokens, meteor=meteor))
     return scores

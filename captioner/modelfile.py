@@ -1,44 +1,48 @@
 """The single-file model format: one `.safetensors` file, no pickle anywhere.
 
-Tensors: `decoder.*` (always) and `encoder.*` (only when the encoder was fine-tuned; a frozen
-encoder is rebuilt from its registry weights). Metadata (all JSON strings): `format`,
-`format_version`, `encoder` (name, preprocessing, fine-tuned flag), `decoder` (DecoderConfig),
-`vocabulary`, `training` (config, data, time), `scores`, and optionally `decoding`: the
-search settings chosen on dev (`beam_size`, `length_penalty`) that captioning uses unless the
-caller says otherwise.
+Tensors: `decoder.*` (always), `ensemble.<i>.*` (the further decoders of an ensemble) and
+`encoder.*` (only when the encoder was fine-tuned; a frozen one is rebuilt from its registry
+weights). Floating-point tensors may be stored as float32, float16 or bfloat16; they are
+cast to float32 on load. Metadata (JSON strings): `format`, `format_version`, `name` (what
+the model is, e.g. `flickr8k-att-gru512-scst-pair`), `captioner_version` (the release that
+wrote it), `encoder` (name, preprocessing, fine-tuned flag), `decoder` (DecoderConfig),
+`ensemble` (the further members' configs), `vocabulary`, `decoding` (the model's default
+`DecodingConfig`, chosen on dev), `training` and `scores`.
 
-Format version 2 adds ensembles: `ensemble` metadata (a list of the further members'
-DecoderConfigs) and their tensors `ensemble.<i>.*`; `decoder` stays the first member. A
-single-decoder file is still written as version 1, so older readers keep reading it.
-
-Writing goes to a temporary file in the same directory and is renamed into place, so a
-crash never leaves a half-written model behind.
+Loading validates before it allocates: the metadata against a schema with sane bounds, then
+every tensor's name, dtype and shape from the file's header against the shapes the configs
+imply (computed on the meta device), and only then reads the tensors and checks them for
+NaN and infinity. Any problem is one `ModelFileError` line naming the file.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from captioner.decoding import DecodingConfig
+from captioner.errors import CaptionerError, ModelFileError, shown_path
 from captioner.model.decoder import CaptionDecoder, DecoderConfig
 from captioner.model.ensemble import EnsembleDecoder
+from captioner.outputs import atomic_write
 from captioner.text import Vocabulary
 
 FORMAT = "captioner-model"
-FORMAT_VERSION = 2          # the newest this code writes (only for ensembles) and reads
-READABLE_VERSIONS = ("1", "2")
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be used; the message names the file and the problem."""
+FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
+# Bounds of a model file's sizes: far above any captioner, far below what would exhaust memory.
+MAX_DECODER_SIZES = {"vocab_size": 100_000, "feature_dim": 4096, "embed_dim": 4096, "hidden_dim": 4096,
+                     "attention_dim": 4096, "num_layers": 8}
+MAX_MEMBERS = 8
+MAX_METADATA_CHARS = 16 * 1024 * 1024
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass
@@ -52,8 +56,9 @@ class ModelFile:
     scores: dict[str, Any] = field(default_factory=dict)
     # Further decoders of an ensemble (config, weights); empty for a single decoder.
     ensemble: list[tuple[DecoderConfig, dict[str, torch.Tensor]]] = field(default_factory=list)
-    # Search settings tuned on dev ({"beam_size": int, "length_penalty": float}); {} = none.
-    decoding: dict[str, Any] = field(default_factory=dict)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    name: str = ""
+    version: str = ""                           # the captioner release that wrote the file
 
     @property
     def members(self) -> list[tuple[DecoderConfig, dict[str, torch.Tensor]]]:
@@ -84,8 +89,7 @@ def combine_models(models: list[ModelFile], scores: dict[str, Any] | None = None
     first = models[0]
     for name, other in zip(names, models):
         if other.encoder_state is not None:
-            raise ModelFileError(f"{name}: its encoder was fine-tuned; ensemble members must share the "
-                                 "frozen encoder")
+            raise ModelFileError(f"{name}: its encoder was fine-tuned; ensemble members must share the frozen encoder")
     for name, other in zip(names[1:], models[1:]):
         if other.encoder != first.encoder:
             raise ModelFileError(f"{name}: encoder {other.encoder['name']} or its preprocessing differs "
@@ -94,141 +98,222 @@ def combine_models(models: list[ModelFile], scores: dict[str, Any] | None = None
             raise ModelFileError(f"{name}: its vocabulary differs from {names[0]}'s (train the members on "
                                  "the same data with the same min_word_freq)")
     members = [member for model in models for member in model.members]
+    if len(members) > MAX_MEMBERS:
+        raise ModelFileError(f"an ensemble may have at most {MAX_MEMBERS} decoders, got {len(members)}")
     training = {"ensemble_of": [model.training for model in models]}
     return ModelFile(members[0][1], members[0][0], first.vocabulary, first.encoder, None, training,
-                     scores or {}, ensemble=members[1:])
+                     scores or {}, ensemble=members[1:], decoding=first.decoding)
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shared models unreadable to others
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# ---- writing -----------------------------------------------------------------------------
 
+def save_model(path: str | os.PathLike, model: ModelFile, dtype: torch.dtype = torch.float32) -> None:
+    """Write `model` atomically; floating-point weights stored as `dtype` (float32 or float16)."""
+    from captioner import __version__
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    def stored(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu()
+        return (t.to(dtype) if t.is_floating_point() else t).contiguous()
 
-
-def save_model(path: str | os.PathLike, model: ModelFile) -> None:
-    tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in model.decoder_state.items()}
+    tensors = {f"decoder.{k}": stored(v) for k, v in model.decoder_state.items()}
     if model.encoder_state:
-        tensors.update({f"encoder.{k}": v.detach().cpu().contiguous() for k, v in model.encoder_state.items()})
+        tensors.update({f"encoder.{k}": stored(v) for k, v in model.encoder_state.items()})
     for i, (_, state) in enumerate(model.ensemble):
-        tensors.update({f"ensemble.{i}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
+        tensors.update({f"ensemble.{i}.{k}": stored(v) for k, v in state.items()})
     metadata = {
         "format": FORMAT,
-        "format_version": "2" if model.ensemble else "1",
+        "format_version": FORMAT_VERSION,
+        "name": model.name,
+        "captioner_version": model.version or __version__,
         "encoder": json.dumps(model.encoder),
         "decoder": json.dumps(model.decoder_config.to_dict()),
         "vocabulary": model.vocabulary.to_json(),
+        "decoding": json.dumps(model.decoding.to_dict()),
         "training": json.dumps(model.training),
         "scores": json.dumps(model.scores),
     }
     if model.ensemble:
         metadata["ensemble"] = json.dumps([config.to_dict() for config, _ in model.ensemble])
-    if model.decoding:
-        metadata["decoding"] = json.dumps(model.decoding)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as fh:
-        return fh.metadata() or {}
-
+# ---- reading -----------------------------------------------------------------------------
 
 def load_model(path: str | os.PathLike) -> ModelFile:
     """Read and validate a model file. Never unpickles; refuses anything inconsistent."""
     path = Path(path)
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a directory, not a model file")
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    if path.suffix in (".ckpt", ".pt", ".pth", ".pkl", ".bin"):
-        raise ModelFileError(f"{path}: {path.suffix} files may contain pickled code and are not loaded; "
-                             "convert a training checkpoint with `captioner export CKPT OUT.safetensors`")
+    shown = shown_path(path)
+    _check_is_model_file(path, shown)
     try:
-        meta = _metadata(path)
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(f"{path}: not a valid safetensors model file ({_first_line(exc)})") from None
-    if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a captioner model file (format={meta.get('format')!r})")
-    if meta.get("format_version") not in READABLE_VERSIONS:
-        raise ModelFileError(f"{path}: model format version {meta.get('format_version')!r} is not supported "
-                             f"(this captioner reads versions {', '.join(READABLE_VERSIONS)})")
-    try:
-        config = DecoderConfig(**json.loads(meta["decoder"]))
-        ensemble_configs = [DecoderConfig(**c) for c in json.loads(meta.get("ensemble", "[]"))]
-        vocab = Vocabulary.from_json(meta["vocabulary"])
-        encoder = json.loads(meta["encoder"])
-        training = json.loads(meta.get("training", "{}"))
-        scores = json.loads(meta.get("scores", "{}"))
-        decoding = _decoding(json.loads(meta.get("decoding", "{}")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: damaged metadata ({_first_line(exc)})") from None
-    decoder_state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
-    encoder_state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")} or None
-    if meta.get("format_version") == "1" and ensemble_configs:
-        raise ModelFileError(f"{path}: damaged metadata (an ensemble in a version 1 file)")
-    ensemble = [(c, {k[len(f"ensemble.{i}."):]: v for k, v in tensors.items() if k.startswith(f"ensemble.{i}.")})
-                for i, c in enumerate(ensemble_configs)]
-    model = ModelFile(decoder_state, config, vocab, encoder, encoder_state, training, scores, ensemble, decoding)
-    for i, (member_config, member_state) in enumerate(model.members):
-        name = "decoder" if i == 0 else f"ensemble member {i}"
-        if len(vocab) != member_config.vocab_size:
-            raise ModelFileError(f"{path}: vocabulary has {len(vocab)} words but the {name} expects "
-                                 f"{member_config.vocab_size}")
-        _check_decoder_weights(path, name, member_config, member_state)
-    if ensemble and any(c.feature_dim != config.feature_dim for c in ensemble_configs):
-        raise ModelFileError(f"{path}: ensemble members expect different feature dimensions")
-    known = {f"decoder.{k}" for k in decoder_state} | {f"encoder.{k}" for k in encoder_state or {}}
-    known |= {f"ensemble.{i}.{k}" for i, (_, state) in enumerate(ensemble) for k in state}
-    stray = sorted(set(tensors) - known)
-    if stray:
-        raise ModelFileError(f"{path}: unexpected tensors {stray[:3]}")
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            header = {k: (fh.get_slice(k).get_dtype(), tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}
+            model = _model_from_metadata(meta, shown)
+            _check_tensor_header(model, header, shown)
+            tensors = {k: fh.get_tensor(k) for k in header}
+    except CaptionerError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        if _looks_pickled(path):
+            raise ModelFileError(f"{shown}: a pickle or zip checkpoint, not a safetensors model file; it was not "
+                                 "loaded (it could run code): convert a training checkpoint with "
+                                 "`captioner export CKPT OUT.safetensors`") from None
+        raise ModelFileError(f"{shown}: not a valid safetensors model file ({_first_line(exc)})") from None
+    _fill_tensors(model, tensors, shown)
     return model
 
 
-def _decoding(data: Any) -> dict[str, Any]:
-    """Validated `decoding` metadata: only known keys, a beam size >= 1, a finite penalty."""
-    if not isinstance(data, dict) or set(data) - {"beam_size", "length_penalty"}:
-        raise ValueError(f"decoding must be {{beam_size, length_penalty}}, got {data!r}")
-    beam, alpha = data.get("beam_size", 1), data.get("length_penalty", 0.0)
-    if not isinstance(beam, int) or isinstance(beam, bool) or beam < 1:
-        raise ValueError(f"decoding beam_size must be an integer >= 1, got {beam!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise ValueError(f"decoding length_penalty must be a finite number, got {alpha!r}")
+def _check_is_model_file(path: Path, shown: str) -> None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ModelFileError(f"{shown}: no such model file") from None
+    except OSError as exc:
+        raise ModelFileError(f"{shown}: cannot read the model file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ModelFileError(f"{shown}: is a directory, not a model file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelFileError(f"{shown}: not a regular file (a model file is one .safetensors file)")
+    if path.suffix in (".ckpt", ".pt", ".pth", ".pkl", ".bin"):
+        raise ModelFileError(f"{shown}: {path.suffix} files may contain pickled code and are not loaded; "
+                             "convert a training checkpoint with `captioner export CKPT OUT.safetensors`")
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A pickle (protocol 2+) or a torch zip checkpoint, by its first bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _model_from_metadata(meta: dict[str, str], shown: str) -> ModelFile:
+    """The metadata validated against the schema; tensors are filled in later."""
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(f"{shown}: not a captioner model file (format={str(meta.get('format'))[:40]!r})")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ModelFileError(f"{shown}: model format version {str(version)[:20]!r} is not supported "
+                             f"(this captioner reads versions {', '.join(READABLE_VERSIONS)})")
+    field_name = "metadata"
+    try:
+        field_name = "decoder"
+        config = _decoder_config(_json(meta, "decoder"))
+        field_name = "ensemble"
+        members = _json(meta, "ensemble", "[]")
+        if not isinstance(members, list) or len(members) + 1 > MAX_MEMBERS:
+            raise ValueError(f"must be a list of at most {MAX_MEMBERS - 1} decoder configs")
+        if version == "1" and members:
+            raise ValueError("an ensemble in a version 1 file")
+        ensemble = [(_decoder_config(c), {}) for c in members]
+        field_name = "vocabulary"
+        vocab = Vocabulary.from_json(_text(meta, "vocabulary"))
+        field_name = "encoder"
+        encoder = _encoder_spec(_json(meta, "encoder"))
+        field_name = "decoding"
+        decoding = DecodingConfig.from_dict(_json(meta, "decoding", "{}"))
+        field_name = "training"
+        training, scores = _json(meta, "training", "{}"), None
+        field_name = "scores"
+        scores = _json(meta, "scores", "{}")
+        if not isinstance(training, dict) or not isinstance(scores, dict):
+            raise ValueError("must be a JSON object")
+        name = meta.get("name", "")[:200]
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise ModelFileError(f"{shown}: damaged metadata: {field_name}: {_first_line(exc)}") from None
+    for i, (member, _) in enumerate([(config, {}), *ensemble]):
+        what = "decoder" if i == 0 else f"ensemble member {i}"
+        if member.vocab_size != len(vocab):
+            raise ModelFileError(f"{shown}: vocabulary has {len(vocab)} words but the {what} expects {member.vocab_size}")
+        if member.feature_dim != config.feature_dim:
+            raise ModelFileError(f"{shown}: ensemble members expect different feature dimensions")
+    return ModelFile({}, config, vocab, encoder, None, training, scores, ensemble, decoding, name,
+                     meta.get("captioner_version", "")[:40])
+
+
+def _text(meta: dict[str, str], key: str, default: str | None = None) -> str:
+    text = meta.get(key, default)
+    if text is None:
+        raise KeyError(f"missing {key!r}")
+    if len(text) > MAX_METADATA_CHARS:
+        raise ValueError(f"{len(text):,} characters (at most {MAX_METADATA_CHARS:,})")
+    return text
+
+
+def _json(meta: dict[str, str], key: str, default: str | None = None) -> Any:
+    return json.loads(_text(meta, key, default))  # RecursionError for absurd nesting: caught above
+
+
+def _decoder_config(data: Any) -> DecoderConfig:
+    if not isinstance(data, dict):
+        raise ValueError("must be a JSON object")
+    config = DecoderConfig(**data)
+    for name, high in MAX_DECODER_SIZES.items():
+        if getattr(config, name) > high:
+            raise ValueError(f"{name} {getattr(config, name)} is above the limit of {high}")
+    return config
+
+
+def _encoder_spec(data: Any) -> dict[str, Any]:
+    from captioner.model.encoders import ENCODERS
+    from captioner.model.preprocessing import Preprocessing
+    if not isinstance(data, dict) or set(data) - {"name", "preprocessing", "finetuned"}:
+        raise ValueError("must be {name, preprocessing, finetuned}")
+    if data.get("name") not in ENCODERS:
+        raise ValueError(f"unknown encoder {str(data.get('name'))[:60]!r}")
+    if "preprocessing" not in data:
+        raise ValueError("no preprocessing")
+    Preprocessing.from_dict(data["preprocessing"])
+    if not isinstance(data.get("finetuned", False), bool):
+        raise ValueError("finetuned must be true or false")
     return data
 
 
-def _check_decoder_weights(path: Path, name: str, config: DecoderConfig, state: dict[str, torch.Tensor]) -> None:
-    expected = CaptionDecoder(config).state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ModelFileError(f"{path}: {name} weights do not match its config "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ModelFileError(f"{path}: weight {key} has shape {tuple(state[key].shape)}, "
-                                 f"config implies {tuple(tensor.shape)}")
-        if not torch.isfinite(state[key]).all():
-            raise ModelFileError(f"{path}: weight {key} contains NaN or infinity")
+def _expected_shapes(model: ModelFile) -> dict[str, tuple[int, ...]]:
+    """Every tensor the configs imply, name -> shape, computed without allocating."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    with torch.device("meta"):
+        for i, (config, _) in enumerate(model.members):
+            prefix = "decoder." if i == 0 else f"ensemble.{i - 1}."
+            shapes.update({prefix + k: tuple(v.shape) for k, v in CaptionDecoder(config).state_dict().items()})
+        if model.encoder.get("finetuned"):
+            from captioner.model.encoders import build_encoder
+            encoder = build_encoder(model.encoder["name"], pretrained=False)
+            shapes.update({f"encoder.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()})
+    return shapes
+
+
+def _check_tensor_header(model: ModelFile, header: dict[str, tuple[str, tuple[int, ...]]], shown: str) -> None:
+    expected = _expected_shapes(model)
+    missing, stray = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing:
+        raise ModelFileError(f"{shown}: weights do not match the config: missing {', '.join(missing[:3])}")
+    if stray:
+        raise ModelFileError(f"{shown}: unexpected tensors {', '.join(stray[:3])}")
+    for key, shape in expected.items():
+        dtype, stored = header[key]
+        if stored != shape:
+            raise ModelFileError(f"{shown}: weight {key} has shape {stored}, the config implies {shape}")
+        if dtype not in _FLOAT_DTYPES and not key.endswith("num_batches_tracked"):
+            raise ModelFileError(f"{shown}: weight {key} has dtype {dtype} (float32, float16 or bfloat16 expected)")
+
+
+def _fill_tensors(model: ModelFile, tensors: dict[str, torch.Tensor], shown: str) -> None:
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point():
+            tensor = tensors[key] = tensor.float()
+            if not torch.isfinite(tensor).all():
+                raise ModelFileError(f"{shown}: weight {key} contains NaN or infinity")
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    model.decoder_state = part("decoder.")
+    model.ensemble = [(config, part(f"ensemble.{i}.")) for i, (config, _) in enumerate(model.ensemble)]
+    model.encoder_state = part("encoder.") or None
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -1,8 +1,11 @@
 """`captioner train`: LightningCLI over CaptioningModule + CaptionDataModule.
 
-The CLI links the data's vocabulary size and feature width into the model, and the model's
-attention flag into the data (only attention models read the feature grid). At the end of
-fit the best checkpoint (by dev BLEU-4) is exported as a model file.
+Configs compose: `captioner train --config configs/base.yaml --config configs/gru-attention.yaml`
+applies each file's values over the previous ones (LightningCLI's repeated --config). The CLI
+links the data's vocabulary size, feature width, mode and encoder into the model, and the
+model's attention flag into the data (only attention models read the feature grid). At the
+end of fit the best checkpoint (by dev BLEU-4) is exported as a model file (`ExportModelFile`).
+Config files with a repeated key are refused (PyYAML would keep the last one silently).
 """
 from __future__ import annotations
 
@@ -14,28 +17,30 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
+import yaml
+from jsonargparse import set_loader
 from pytorch_lightning.cli import LightningCLI
 
-from captioner.cli import error_line
 from captioner.data.datamodule import CaptionDataModule
-from captioner.data.features import ImageFeaturesError, StaleCacheError
-from captioner.data.sources import DatasetError
-from captioner.model.module import CaptioningModule, TrainingSetupError
+from captioner.errors import CaptionerError
 from captioner.export import load_module
-from captioner.modelfile import ModelFileError, save_model
+from captioner.model.module import CaptioningModule
+from captioner.modelfile import save_model
+
 
 class ExportModelFile(pl.Callback):
     """On fit end, write the best checkpoint's weights as a model file (rank 0 only; never
     under `fast_dev_run`, whose few untrained steps would replace the run's real model).
 
-    The best of the whole run, also when it was resumed with --ckpt_path: the resumed run's
+    The best of the whole run, also when it was resumed with --ckpt_path: a resumed run's
     loggers open a new version directory, the checkpoints' directory moves with them, and
-    Lightning then forgets the checkpoint callback's best score ("dirpath has changed"), so
-    by itself it would offer the best of the resumed epochs only. The resumed checkpoint
-    still records the earlier best; `on_load_checkpoint` keeps it for the comparison."""
+    Lightning then forgets the checkpoint callback's best score, so by itself it would offer
+    the best of the resumed epochs only. The resumed checkpoint still records the earlier
+    best; `on_load_checkpoint` keeps it for the comparison."""
 
-    def __init__(self, output: str = "models/model.safetensors") -> None:
+    def __init__(self, output: str = "models/model.safetensors", name: str = "") -> None:
         self.output = output
+        self.name = name
         self._started = time.time()
         self._earlier_best: tuple[str, float] | None = None  # (path, score) before a resume
 
@@ -73,12 +78,35 @@ class ExportModelFile(pl.Callback):
                     "wall_seconds": round(time.time() - self._started, 1),
                     "datamodule": _jsonable(trainer.datamodule.hparams) if trainer.datamodule else {},
                     "model": _jsonable(pl_module.hparams)}
-        save_model(self.output, module.to_model_file(training, scores))
+        model = module.to_model_file(training, scores)
+        model.name = self.name
+        save_model(self.output, model)
         print(f"captioner: exported {best or 'final weights'} -> {self.output}")
 
 
 def _jsonable(hparams: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(hparams), default=str))
+    return json.loads(json.dumps(dict(hparams), default=lambda o: getattr(o, "__dict__", str(o))))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"repeated key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_unique(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+set_loader("yaml_unique_keys", _load_unique, exceptions=(yaml.YAMLError,))
 
 
 class CaptionerCLI(LightningCLI):
@@ -87,11 +115,12 @@ class CaptionerCLI(LightningCLI):
         parser.link_arguments("data.feature_dim", "model.feature_dim", apply_on="instantiate")
         parser.link_arguments("data.mode", "model.mode")
         parser.link_arguments("data.encoder", "model.encoder")
-        parser.link_arguments("model.attention", "data.load_grid")
+        parser.link_arguments("model.decoder.attention", "data.load_grid")
 
 
 def run_training(argv: Sequence[str]) -> int:
-    """Entry point of `captioner train ...`; argv is everything after `train`."""
+    """Entry point of `captioner train ...`; argv is everything after `train`. Problems with
+    the user's data or files raise CaptionerError (the CLI prints one line)."""
     args = list(argv)
     if not args or args[0].startswith("-"):
         args = ["fit", *args]  # `captioner train --config x.yaml` means fit
@@ -100,8 +129,10 @@ def run_training(argv: Sequence[str]) -> int:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         CaptionerCLI(CaptioningModule, CaptionDataModule, args=args, save_config_kwargs={"overwrite": True},
-                     seed_everything_default=0, parser_kwargs={"prog": "captioner train"})
-    except (DatasetError, ImageFeaturesError, StaleCacheError, ModelFileError, TrainingSetupError) as exc:
-        error_line(str(exc))  # a problem with the user's data or files: one line, not a traceback
-        return 1
+                     seed_everything_default=0,
+                     parser_kwargs={"prog": "captioner train", "parser_mode": "yaml_unique_keys"})
+    except CaptionerError:
+        raise
+    except ValueError as exc:  # a model or data setting out of range (dataclass checks)
+        raise CaptionerError(f"training settings: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     return 0

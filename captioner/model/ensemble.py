@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory, State
+from captioner.model.decoder import DecoderConfig, Memory, State
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ class EnsembleConfig:
 
 
 class EnsembleDecoder(nn.Module):
-    """The `CaptionDecoder` inference interface (memory / init_state / step) over N decoders.
+    """The `CaptionDecoder` inference interface (memory / init_state / step) over N decoders
+    (`CaptionDecoder`s, or their `FastDecoder`s: `inference.fast_decoder` wraps each member).
 
     `step` returns the log of the members' mean word probabilities (a normalized
     distribution: `step_returns_log_probs` tells search to skip its log_softmax), and the
@@ -63,7 +64,7 @@ class EnsembleDecoder(nn.Module):
 
     step_returns_log_probs = True
 
-    def __init__(self, members: list[CaptionDecoder]) -> None:
+    def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.config = EnsembleConfig(tuple(m.config for m in members))
@@ -78,12 +79,6 @@ class EnsembleDecoder(nn.Module):
             else:
                 self._proj_slices.append(None)
         self._state_sizes = [2 if m.config.cell == "lstm" else 1 for m in members]
-
-    def fold_embedding(self) -> EnsembleDecoder:
-        """Every member's `CaptionDecoder.fold_embedding` (inference)."""
-        for member in self.members:
-            member.fold_embedding()
-        return self
 
     def memory(self, grid: Tensor | None, pooled: Tensor) -> Memory:
         memories = [m.memory(grid, pooled) for m in self.members]

@@ -1,14 +1,16 @@
 """LightningModule: the math of training a captioner. The Trainer owns the loop, the
-DataModule the data, callbacks the rest.
+DataModule the data, callbacks the rest (encoder fine-tuning is `EncoderFinetuning`).
 
-Two modes: `features` (frozen encoder, batches carry cached Features: the fast default) and
-`images` (batches carry pixels; the encoder runs in the loop and its last blocks can be
-fine-tuned). Validation decodes greedily (no teacher forcing) and logs corpus BLEU-1..4 over
-every dev image exactly once, also under DDP.
+Two modes, linked from the data: `features` (batches carry a frozen encoder's cached
+Features: the fast default) and `images` (batches carry pixels and the encoder runs in the
+loop, so `EncoderFinetuning` can open its last blocks). Two objectives: cross-entropy, or
+self-critical training on a caption metric (`self_critical`). Validation decodes greedily (no
+teacher forcing) and logs corpus BLEU-1..4 over every dev image exactly once, also under DDP.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,15 +18,77 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from captioner.errors import ModelFileError, TrainingError
 from captioner.metrics import bleu_scores, diversity_scores
 from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory
 from captioner.model.search import greedy
 from captioner.model.self_critical import Reward, build_reward, parse_reward, self_critical_loss
 from captioner.text import Vocabulary
 
+LR_SCHEDULES = ("plateau", "cosine", "none")
 
-class TrainingSetupError(ValueError):
-    """Model and data settings that cannot train together (found once both exist)."""
+
+@dataclass
+class DecoderSettings:
+    """The decoder's architecture; its vocabulary size and feature width come from the data."""
+
+    cell: str = "lstm"
+    attention: bool = False
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+
+    def config(self, vocab_size: int, feature_dim: int) -> DecoderConfig:
+        return DecoderConfig(vocab_size=vocab_size, feature_dim=feature_dim, **asdict(self))
+
+
+@dataclass
+class OptimizationConfig:
+    """Adam, its schedule, and the cross-entropy loss's terms.
+
+    lr_schedule: plateau (halve on a dev BLEU-4 plateau), cosine (per step, with linear
+    warm-up) or none. alpha_c weighs attention's doubly stochastic regularizer (every grid
+    cell gets about one unit of attention over the caption)."""
+
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    lr_schedule: str = "plateau"
+    lr_patience: int = 1
+    lr_factor: float = 0.5
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    alpha_c: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+
+
+@dataclass
+class SelfCriticalConfig:
+    """Self-critical sequence training (`captioner.model.self_critical`).
+
+    reward: cider (CIDEr-D), bleu1..bleu4, or a sum such as cider+bleu1+bleu4; samples:
+    captions drawn per image (the baseline is the mean of the others); max_length: words per
+    sample; xe_weight w > 0 adds w x the cross-entropy of the batch's reference caption (the
+    mixed objective of Paulus et al. 2018: the references keep the wording varied while the
+    reward sharpens it). Needs data.captions_per_epoch: one."""
+
+    reward: str = "cider"
+    samples: int = 5
+    max_length: int = 20
+    xe_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        parse_reward(self.reward)  # fails early on an unknown term
+        if self.samples < 2:
+            raise ValueError(f"self_critical.samples must be >= 2 (the baseline is the other samples), got {self.samples}")
+        if self.xe_weight < 0:
+            raise ValueError(f"self_critical.xe_weight must be >= 0, got {self.xe_weight}")
 
 
 class CaptioningModule(pl.LightningModule):
@@ -32,95 +96,37 @@ class CaptioningModule(pl.LightningModule):
         self,
         vocab_size: int = 0,
         feature_dim: int = 0,
-        cell: str = "lstm",
-        attention: bool = False,
-        embed_dim: int = 512,
-        hidden_dim: int = 512,
-        attention_dim: int = 512,
-        num_layers: int = 1,
-        dropout: float = 0.5,
-        alpha_c: float = 1.0,
-        label_smoothing: float = 0.0,
-        scheduled_sampling: float = 0.0,
-        scheduled_sampling_ramp_epochs: int = 0,
-        lr: float = 4e-4,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "plateau",
-        lr_patience: int = 1,
-        lr_factor: float = 0.5,
-        warmup_steps: int = 0,
+        decoder: DecoderSettings = DecoderSettings(),
+        optimization: OptimizationConfig = OptimizationConfig(),
+        self_critical: SelfCriticalConfig | None = None,
+        init_decoder: str | None = None,
         max_decode_length: int = 30,
         mode: str = "features",
         encoder: str = "efficientnet-lite0",
-        finetune_blocks: int = 0,
-        encoder_lr: float = 1e-4,
-        finetune_train_mode: bool = True,
-        init_decoder: str | None = None,
-        self_critical: bool = False,
-        self_critical_reward: str = "cider",
-        self_critical_samples: int = 5,
-        self_critical_max_length: int = 20,
-        self_critical_xe_weight: float = 0.0,
     ) -> None:
-        """vocab_size and feature_dim are linked from the DataModule by LightningCLI.
+        """`vocab_size`, `feature_dim`, `mode` and `encoder` are linked from the DataModule.
 
-        `init_decoder`: a model file whose decoder weights this run starts from, e.g. to
-        fine-tune the encoder's last blocks (mode images) once a decoder trained on cached
-        features has converged. Its decoder config, vocabulary and encoder must match this
-        run's; a resumed run (--ckpt_path) takes its weights from the checkpoint instead.
-        `finetune_train_mode=False` keeps the opened blocks in eval mode while they learn
-        (fixed BatchNorm statistics, no drop-connect). `scheduled_sampling`: the probability
-        of feeding the decoder its own previous word in training (`CaptionDecoder.forward`);
-        with `scheduled_sampling_ramp_epochs` N > 0 it rises linearly from 0 at the first
-        epoch to that value at epoch N (Bengio et al. 2015 raise it as the model learns: early
-        on, its own words are noise).
-
-        `self_critical`: train on a caption metric instead of cross-entropy
-        (`captioner.model.self_critical`; `self_critical_reward`: cider = CIDEr-D, bleu1..bleu4,
-        or a sum such as bleu1+bleu4), on `self_critical_samples` captions of up to
-        `self_critical_max_length` words sampled per image. It fine-tunes a converged decoder
-        (start it from one with `init_decoder`) and needs the data's `captions_per_epoch: one`
-        (each image once per epoch, scored against all its captions). `self_critical_xe_weight`
-        w > 0 adds w x the cross-entropy loss of the batch's reference caption (with attention's
-        regularizer, as in cross-entropy training) to the self-critical loss (the mixed objective
-        of Paulus et al. 2018): the references keep pulling the decoder towards their spread of
-        wordings while the reward sharpens it, where the reward alone collapses it to a few safe
-        captions.
-        """
+        `init_decoder`: a model file whose decoder weights this run starts from (self-critical
+        training from a converged cross-entropy decoder, or encoder fine-tuning); its decoder,
+        vocabulary and encoder must match this run's. A resumed run (--ckpt_path) takes its
+        weights from the checkpoint instead."""
         super().__init__()
         self.save_hyperparameters()
         if vocab_size < 5 or feature_dim < 1:
-            raise ValueError("vocab_size and feature_dim must come from the data (link data.vocab_size / "
-                             "data.feature_dim); got vocab_size={vocab_size}, feature_dim={feature_dim}")
-        if lr_schedule not in ("plateau", "cosine", "none"):
-            raise ValueError(f"lr_schedule must be plateau | cosine | none, got {lr_schedule!r}")
+            raise TrainingError("vocab_size and feature_dim must come from the data (link data.vocab_size / "
+                                f"data.feature_dim); got vocab_size={vocab_size}, feature_dim={feature_dim}")
         if mode not in ("features", "images"):
-            raise ValueError(f"mode must be features | images, got {mode!r}")
-        if not 0.0 <= scheduled_sampling < 1.0:
-            raise ValueError(f"scheduled_sampling must be in [0, 1), got {scheduled_sampling}")
-        if scheduled_sampling_ramp_epochs < 0:
-            raise ValueError(f"scheduled_sampling_ramp_epochs must be >= 0, got {scheduled_sampling_ramp_epochs}")
-        if self_critical and self_critical_samples < 2:
-            raise ValueError(f"self_critical_samples must be >= 2 (the baseline is the other samples), "
-                             f"got {self_critical_samples}")
-        parse_reward(self_critical_reward)  # fails early on an unknown term
-        if self_critical_xe_weight < 0:
-            raise ValueError(f"self_critical_xe_weight must be >= 0, got {self_critical_xe_weight}")
-        if self_critical and scheduled_sampling:
-            raise ValueError("self_critical already trains on the decoder's own words: drop scheduled_sampling")
-        self.decoder = CaptionDecoder(DecoderConfig(
-            vocab_size=vocab_size, feature_dim=feature_dim, cell=cell, attention=attention,
-            embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
-            num_layers=num_layers, dropout=dropout))
+            raise TrainingError(f"mode must be features | images, got {mode!r}")
+        self.settings = optimization
+        self.self_critical = self_critical
+        self.decoder = CaptionDecoder(decoder.config(vocab_size, feature_dim))
         self.encoder = None
-        if mode == "images":
+        if mode == "images":  # frozen until EncoderFinetuning opens its tail
             from captioner.model.encoders import build_encoder
             self.encoder = build_encoder(encoder)
-            self.encoder.freeze()
-            if finetune_blocks:
-                self.encoder.trainable_tail(finetune_blocks, train_mode=finetune_train_mode)
+        self.encoder_trained = False  # set by EncoderFinetuning; travels in checkpoints
         self.vocabulary: Vocabulary | None = None
-        self._reward: Reward | None = None  # self_critical only, built from the training references
+        self._reward: Reward | None = None  # self-critical only, built from the training references
         self._val_outputs: list[tuple[Tensor, Tensor]] = []
 
     # ---- data plumbing ---------------------------------------------------------------------
@@ -128,19 +134,19 @@ class CaptioningModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and getattr(datamodule, "vocabulary", None) is not None:
             if len(datamodule.vocabulary) != self.hparams.vocab_size:
-                raise ValueError("the data's vocabulary does not match the model's vocab_size")
+                raise TrainingError("the data's vocabulary does not match the model's vocab_size")
             self.vocabulary = datamodule.vocabulary
-        if stage == "fit" and self.hparams.get("self_critical"):
+        if stage == "fit" and self.self_critical is not None:
             if getattr(datamodule, "hparams", {}).get("captions_per_epoch") != "one":
-                raise TrainingSetupError("self_critical needs data.captions_per_epoch: one (each image once "
-                                         "per epoch; its samples are scored against all its captions)")
-            self._reward = build_reward(self.hparams.self_critical_reward, datamodule.train_references)
+                raise TrainingError("self_critical needs data.captions_per_epoch: one (each image once per "
+                                    "epoch; its samples are scored against all its captions)")
+            self._reward = build_reward(self.self_critical.reward, datamodule.train_references)
         if stage == "fit" and self.hparams.init_decoder:
             self._load_initial_decoder(self.hparams.init_decoder)
 
     def _load_initial_decoder(self, path: str) -> None:
         """Start from a trained decoder (see __init__); refuses one that would not fit."""
-        from captioner.modelfile import ModelFileError, load_model
+        from captioner.modelfile import load_model
         source = load_model(path)
         if source.ensemble:
             raise ModelFileError(f"{path}: init_decoder needs a single decoder, not an ensemble")
@@ -156,20 +162,21 @@ class CaptioningModule(pl.LightningModule):
         self.decoder.load_state_dict(source.decoder_state)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The vocabulary travels with the weights (plain list of str: safe to load).
+        # The vocabulary travels with the weights (a plain list of str: safe to load).
         checkpoint["vocabulary"] = list(self.vocabulary.words) if self.vocabulary else None
         checkpoint["encoder_spec"] = self.encoder_spec()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("vocabulary"):
             self.vocabulary = Vocabulary(checkpoint["vocabulary"])
+        self.encoder_trained = bool((checkpoint.get("encoder_spec") or {}).get("finetuned", False))
 
     def encoder_spec(self) -> dict[str, Any]:
         """What the model file records about the encoder (name, preprocessing, fine-tuned)."""
         from captioner.model.encoders import encoder_preprocessing
         name = self.hparams.encoder
         return {"name": name, "preprocessing": encoder_preprocessing(name).to_dict(),
-                "finetuned": bool(self.encoder is not None and self.hparams.finetune_blocks)}
+                "finetuned": bool(self.encoder is not None and self.encoder_trained)}
 
     def memory(self, batch: dict[str, Tensor]) -> Memory:
         """Features from the batch (cached) or from the encoder (raw images)."""
@@ -181,23 +188,16 @@ class CaptioningModule(pl.LightningModule):
         return self.decoder.memory(grid.float() if grid is not None else None, pooled.float())
 
     # ---- training --------------------------------------------------------------------------
-    def sample_prob(self) -> float:
-        """This epoch's scheduled-sampling probability (see __init__)."""
-        p, ramp = self.hparams.scheduled_sampling, self.hparams.get("scheduled_sampling_ramp_epochs", 0)
-        return p if ramp <= 0 else p * min(1.0, self.current_epoch / ramp)
-
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        if not (self.hparams.get("self_critical") and self.training):
+        if self.self_critical is None or not self.training:
             return self.cross_entropy_loss(batch)
+        sc = self.self_critical
         memory = self.memory(batch)
         total, parts = self_critical_loss(self.decoder, memory, self._reward, batch["index"].tolist(),
-                                          self.vocabulary, self.hparams.self_critical_samples,
-                                          self.hparams.self_critical_max_length,
-                                          mirrored=batch["mirrored"].tolist() if "mirrored" in batch else None)
-        xe_weight = self.hparams.get("self_critical_xe_weight", 0.0)
-        if xe_weight > 0:
+                                          self.vocabulary, sc.samples, sc.max_length)
+        if sc.xe_weight > 0:
             xe, xe_parts = self.cross_entropy_loss(batch, memory)
-            total = total + xe_weight * xe
+            total = total + sc.xe_weight * xe
             parts.update(xe_parts)
         return total, parts
 
@@ -205,33 +205,38 @@ class CaptioningModule(pl.LightningModule):
                            memory: Memory | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Teacher-forced cross-entropy of the batch's captions (+ the attention regularizer)."""
         memory = self.memory(batch) if memory is None else memory
-        logits, targets, alphas = self.decoder(memory, batch["captions"], batch["lengths"],
-                                               sample_prob=self.sample_prob() if self.training else 0.0)
-        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
-        parts = {"ce": ce}
-        total = ce
-        if alphas is not None and self.hparams.alpha_c > 0:
-            # Doubly stochastic regularization: every grid cell gets ~1 total attention.
-            ds = ((1.0 - alphas.sum(dim=1)) ** 2).mean()
+        logits, targets, alphas = self.decoder(memory, batch["captions"], batch["lengths"])
+        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.settings.label_smoothing)
+        parts, total = {"ce": ce}, ce
+        if alphas is not None and self.settings.alpha_c > 0:
+            ds = ((1.0 - alphas.sum(dim=1)) ** 2).mean()  # doubly stochastic: ~1 attention per cell
             parts["attention_reg"] = ds
-            total = total + self.hparams.alpha_c * ds
+            total = total + self.settings.alpha_c * ds
         return total, parts
 
     def on_train_epoch_start(self) -> None:
-        # Lightning leaves submodules built in eval mode in eval mode (and restores modes after
-        # each validation), so the encoder, built frozen, would never train its opened tail's
-        # BatchNorm. Encoder.train() puts exactly the opened blocks in train mode (none with
-        # finetune_train_mode=False).
+        # Lightning restores submodules' modes after validation; Encoder.train() puts exactly
+        # its opened blocks in train mode (none while frozen).
         if self.encoder is not None:
             self.encoder.train()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         total, parts = self.loss(batch)
+        if not torch.isfinite(total):
+            # A NaN feature or a diverged run: stop now rather than train on, and later export, NaN.
+            raise TrainingError(f"non-finite training loss ({float(total)}) at epoch {self.current_epoch}, "
+                                f"step {self.global_step}: check the features and lower model.optimization.lr")
         bs = batch["captions"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=bs, prog_bar=name == "reward")
         return total
+
+    def on_train_epoch_end(self) -> None:
+        # A finite loss on the last step can still leave non-finite weights behind it.
+        bad = [name for name, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"non-finite weights after epoch {self.current_epoch} ({', '.join(bad[:3])})")
 
     # ---- validation: greedy decoding + corpus BLEU ------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -244,14 +249,12 @@ class CaptioningModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         index, tokens = self._gather_predictions()
-        datamodule = self.trainer.datamodule
-        references = datamodule.val_references
+        references = self.trainer.datamodule.val_references
         keep = torch.unique(index)  # DDP samplers pad with repeats: each dev image counts once
         first = {int(i): row for row, i in reversed(list(enumerate(index.tolist())))}
         hyps = [self.vocabulary.decode(tokens[first[int(i)]].tolist()) for i in keep]
         refs = [references[int(i)] for i in keep]
-        scores = bleu_scores(hyps, refs)
-        for name, value in scores.items():
+        for name, value in bleu_scores(hyps, refs).items():
             self.log(f"val/{name}", value, prog_bar=name == "bleu4", sync_dist=False, rank_zero_only=False)
         self.log("val/n_images", float(len(keep)))
         for name, value in diversity_scores(hyps).items():
@@ -263,32 +266,25 @@ class CaptioningModule(pl.LightningModule):
         width = self.hparams.max_decode_length
         index = torch.cat([i for i, _ in self._val_outputs])
         tokens = torch.cat([F.pad(t, (0, width - t.shape[1])) for _, t in self._val_outputs])
-        if self.trainer.world_size > 1:
-            # Equal-length per rank is guaranteed by the distributed sampler's padding.
+        if self.trainer.world_size > 1:  # equal length per rank: the distributed sampler pads
             index = self.all_gather(index).reshape(-1)
             tokens = self.all_gather(tokens).reshape(-1, width)
         return index.cpu(), tokens.cpu()
 
     # ---- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        groups = [{"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": hp.lr}]
-        if self.encoder is not None:
-            tail = [p for p in self.encoder.parameters() if p.requires_grad]
-            if tail:
-                groups.append({"params": tail, "lr": hp.encoder_lr})
-        optimizer = torch.optim.Adam(groups, weight_decay=hp.weight_decay)
+        hp = self.settings
+        params = [p for p in self.decoder.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam([{"params": params, "lr": hp.lr}], weight_decay=hp.weight_decay)
         if hp.lr_schedule == "none":
             return optimizer
         if hp.lr_schedule == "cosine":
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            warmup = hp.warmup_steps
+            total, warmup = max(1, int(self.trainer.estimated_stepping_batches)), hp.warmup_steps
 
             def factor(step: int) -> float:
                 if step < warmup:
                     return (step + 1) / warmup
-                progress = (step - warmup) / max(1, total - warmup)
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -301,11 +297,8 @@ class CaptioningModule(pl.LightningModule):
     def to_model_file(self, training: dict[str, Any] | None = None, scores: dict[str, Any] | None = None):
         from captioner.modelfile import ModelFile
         if self.vocabulary is None:
-            raise ValueError("the module has no vocabulary (was it trained or loaded from a checkpoint?)")
+            raise TrainingError("the module has no vocabulary (was it trained or loaded from a checkpoint?)")
         spec = self.encoder_spec()
-        encoder_state = None
-        if spec["finetuned"]:
-            encoder_state = {k: v for k, v in self.encoder.state_dict().items()}
+        encoder_state = dict(self.encoder.state_dict()) if spec["finetuned"] else None
         return ModelFile({k: v.detach().cpu() for k, v in self.decoder.state_dict().items()},
-                         self.decoder.config, self.vocabulary, spec, encoder_state,
-                         training or {}, scores or {})
+                         self.decoder.config, self.vocabulary, spec, encoder_state, training or {}, scores or {})

@@ -15,9 +15,9 @@ penalty falls (on Flickr8k the GRU-512's greedy captions shrank to 5.7 words in 
 "a man in a black"); BLEU-1 is mostly the brevity penalty and unigram precision, so adding
 it holds the length.
 
-`sample_with_log_probs` runs on `CaptionDecoder.step()` with autograd on, so one pass both
-samples and keeps the graph; `self_critical_loss` is what `CaptioningModule.loss` returns
-in this mode.
+Samples come from `search.draw`, the same loop that sampling search uses, run with autograd
+on, so one pass both samples and keeps the graph; `self_critical_loss` is what
+`CaptioningModule` trains on in this mode.
 """
 from __future__ import annotations
 
@@ -30,53 +30,13 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from torch import Tensor
 
 from captioner.model.decoder import CaptionDecoder, Memory
-from captioner.model.search import NEVER_WRITTEN, bar_end, end_barring, repeat_state
-from captioner.text import Vocabulary, mirror_words
+from captioner.model.search import draw
+from captioner.text import Vocabulary
 
 Tokens = list[str]
 # Without smoothing a caption with no matching 4-gram scores exactly 0, however close it is,
 # so most short samples would get the same reward; method1 adds 0.1 to empty match counts.
 _SMOOTHING = SmoothingFunction().method1
-
-
-def sample_with_log_probs(decoder: CaptionDecoder, memory: Memory, samples: int, max_length: int,
-                          no_end_after: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """K = `samples` captions per image drawn from the decoder, with gradients.
-
-    Returns tokens [B*K, T] (image-major rows, <pad> after <end>), the log-probability of
-    each sampled token [B*K, T] (differentiable) and the mask of real tokens [B*K, T]
-    (<end> included). Words are drawn as search writes them: never NEVER_WRITTEN, and no
-    <end> right after `no_end_after` (the caption is scored as the user would see it). Rows
-    that have ended keep stepping until every row has: the batch stays one tensor program.
-    """
-    b = memory.pooled.shape[0]
-    state = repeat_state(decoder.init_state(memory), samples)
-    n = b * samples
-    device = memory.pooled.device
-    tokens = torch.full((n,), Vocabulary.start_id, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    banned = torch.zeros(decoder.config.vocab_size, dtype=torch.bool, device=device)
-    banned[list(NEVER_WRITTEN)] = True
-    barred = end_barring(no_end_after, decoder.config.vocab_size, device)
-    words, log_probs, masks = [], [], []
-    for _ in range(max_length):
-        logits, state, _ = decoder.step(tokens, state, memory)
-        logits = logits.float().masked_fill(banned, float("-inf"))
-        bar_end(logits, tokens, barred)
-        logp = torch.log_softmax(logits, dim=-1)
-        with torch.no_grad():
-            choice = torch.multinomial(logp.exp(), 1).squeeze(1)
-            choice = torch.where(done, torch.full_like(choice, Vocabulary.pad_id), choice)
-        words.append(choice)
-        # An ended row's log-prob is masked out; gather a finite one (<pad> is banned: -inf).
-        scored = torch.where(done, torch.full_like(choice, Vocabulary.end_id), choice)
-        log_probs.append(logp.gather(1, scored[:, None]).squeeze(1))
-        masks.append(~done)
-        done = done | (choice == Vocabulary.end_id)
-        tokens = choice
-        if bool(done.all()):
-            break
-    return torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
 
 
 def sentence_bleu_rewards(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]],
@@ -191,23 +151,18 @@ def mean_of_others_advantage(rewards: Tensor, samples: int) -> Tensor:
 
 
 def self_critical_loss(decoder: CaptionDecoder, memory: Memory, reward: Reward, images: Sequence[int],
-                       vocabulary: Vocabulary, samples: int = 5, max_length: int = 20,
-                       mirrored: Sequence[bool] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                       vocabulary: Vocabulary, samples: int = 5,
+                       max_length: int = 20) -> tuple[Tensor, dict[str, Tensor]]:
     """REINFORCE with the mean-of-others baseline over `samples` captions per image;
-    `images[i]` is memory row i's image, as `reward` knows it. Where `mirrored[i]`, row i holds
-    the image's mirrored features, so its captions are scored with "left" and "right" swapped
-    back (`mirror_words`) against the image's references.
+    `images[i]` is memory row i's image, as `reward` knows it.
 
     The loss is the advantage-weighted negative log-probability averaged over sampled
     tokens; the returned parts log the samples' mean reward and mean length (tokens incl.
     <end>), the two numbers that show whether the policy is improving or gaming the metric."""
-    tokens, log_probs, mask = sample_with_log_probs(decoder, memory, samples, max_length,
-                                                    vocabulary.bad_ending_ids())
-    hypotheses = [vocabulary.decode(row).split() for row in tokens.tolist()]
-    if mirrored is not None:
-        hypotheses = [mirror_words(h) if mirrored[k // samples] else h for k, h in enumerate(hypotheses)]
-    rewards = reward(hypotheses, [i for i in images for _ in range(samples)]).to(log_probs.device)
+    drawn = draw(decoder, memory, samples, max_length, no_end_after=vocabulary.bad_ending_ids())
+    hypotheses = [vocabulary.decode(row).split() for row in drawn.tokens.tolist()]
+    rewards = reward(hypotheses, [i for i in images for _ in range(samples)]).to(drawn.log_probs.device)
     advantage = mean_of_others_advantage(rewards, samples)
-    weights = mask.float()
-    loss = -(advantage[:, None] * log_probs * weights).sum() / weights.sum()
+    weights = drawn.mask.float()
+    loss = -(advantage[:, None] * drawn.log_probs * weights).sum() / weights.sum()
     return loss, {"reward": rewards.mean(), "sample_length": weights.sum(1).mean()}
