@@ -4,12 +4,11 @@
     Captioner.load().caption("photo.jpg")[0].caption
 
 Importing this package is cheap and never imports Lightning: inference needs only torch,
-torchvision, Pillow and a model file. `__version__` is the one place the release is written
-(pyproject.toml reads it).
+torchvision, Pillow and a model file.
 """
 from __future__ import annotations
 
-__version__ = "1.0.0"
+from captioner.version import __version__
 __all__ = ["Captioner", "DecodingConfig", "__version__"]
 
 

@@ -155,7 +155,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from captioner import __version__
+    from captioner.version import __version__
     parser = argparse.ArgumentParser(prog=PROG, description="CNN encoder + RNN decoder image captioning")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -109,7 +109,7 @@ def combine_models(models: list[ModelFile], scores: dict[str, Any] | None = None
 
 def save_model(path: str | os.PathLike, model: ModelFile, dtype: torch.dtype = torch.float32) -> None:
     """Write `model` atomically; floating-point weights stored as `dtype` (float32 or float16)."""
-    from captioner import __version__
+    from captioner.version import __version__
 
     def stored(t: torch.Tensor) -> torch.Tensor:
         t = t.detach().cpu()

@@ -26,14 +26,6 @@ BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "aft
 _PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
 
 
-MIRROR_SWAPS = {"left": "right", "right": "left"}
-
-
-def mirror_words(words: Sequence[str]) -> list[str]:
-    """The caption of the image flipped left-right: "left" and "right" swapped, the rest kept."""
-    return [MIRROR_SWAPS.get(w, w) for w in words]
-
-
 def tokenize(text: str) -> list[str]:
     """Lower-case, drop punctuation, split on whitespace (COCO/PTB caption convention).
 
@@ -93,11 +85,6 @@ class Vocabulary:
                 continue
             words.append(self.words[i] if 0 <= i < len(self.words) else UNK)
         return " ".join(words)
-
-    def mirror_ids(self) -> list[int]:
-        """id -> the id of its `mirror_words` counterpart (itself for all but left/right), to
-        rewrite encoded captions of mirrored images with one lookup."""
-        return [self._index.get(mirrored, i) for i, mirrored in enumerate(mirror_words(self.words))]
 
     def bad_ending_ids(self) -> list[int]:
         """Ids of the BAD_ENDINGS words in this vocabulary (search bars <end> after them)."""

@@ -38,7 +38,8 @@ class ExportModelFile(pl.Callback):
     the best of the resumed epochs only. The resumed checkpoint still records the earlier
     best; `on_load_checkpoint` keeps it for the comparison."""
 
-    def __init__(self, output: str = "models/model.safetensors", name: str = "") -> None:
+    def __init__(self, output: str | None = None, name: str = "") -> None:
+        """`output`: the model file; default `<trainer.default_root_dir>/model.safetensors`."""
         self.output = output
         self.name = name
         self._started = time.time()
@@ -65,11 +66,15 @@ class ExportModelFile(pl.Callback):
                 return earlier_path, earlier
         return path, score
 
+    def output_path(self, trainer: pl.Trainer) -> Path:
+        return Path(self.output) if self.output else Path(trainer.default_root_dir) / "model.safetensors"
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: CaptioningModule) -> None:
         if not trainer.is_global_zero:
             return
+        output = self.output_path(trainer)
         if trainer.fast_dev_run:  # a smoke test of a real config must not replace its trained model
-            print(f"captioner: fast_dev_run: {self.output} not written")
+            print(f"captioner: fast_dev_run: {output} not written")
             return
         best, score = self.best_checkpoint(trainer)
         module = load_module(best) if best else pl_module
@@ -80,8 +85,8 @@ class ExportModelFile(pl.Callback):
                     "model": _jsonable(pl_module.hparams)}
         model = module.to_model_file(training, scores)
         model.name = self.name
-        save_model(self.output, model)
-        print(f"captioner: exported {best or 'final weights'} -> {self.output}")
+        save_model(output, model)
+        print(f"captioner: exported {best or 'final weights'} -> {output}")
 
 
 def _jsonable(hparams: Any) -> dict[str, Any]:

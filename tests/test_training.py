@@ -1,6 +1,7 @@
 """Training end to end on a small Flickr8k slice, through the real `captioner train`
-(LightningCLI): the model overfits, export/load gives identical captions, and DDP validation
-BLEU equals single-process BLEU for the same weights."""
+(LightningCLI): the model overfits, export/load gives identical captions, DDP validation BLEU
+equals single-process BLEU for the same weights, encoder fine-tuning and self-critical training
+start from a trained decoder. Long: these run with `-m slow` (CI runs them)."""
 from __future__ import annotations
 
 import csv
@@ -18,6 +19,8 @@ from captioner.data.sources import read_dataset
 from captioner.export import load_module
 from captioner.metrics import bleu_scores
 from captioner.model.search import greedy
+
+pytestmark = pytest.mark.slow
 
 TRAIN_IMAGES, VAL_IMAGES = 24, 15  # 15: odd, so a 2-process sampler must pad with a repeat
 
@@ -39,15 +42,18 @@ def write_config(tmp: Path, root: Path, cache: Path, **overrides) -> Path:
                  "init_args": {"output": str(tmp / "model.safetensors")}},
             ],
         },
-        "model": {"cell": "gru", "embed_dim": 64, "hidden_dim": 128, "dropout": 0.0, "lr": 3e-3,
-                  "lr_schedule": "none"},
+        "model": {"decoder": {"cell": "gru", "embed_dim": 64, "hidden_dim": 128, "dropout": 0.0},
+                  "optimization": {"lr": 3e-3, "lr_schedule": "none"}},
         "data": {"dataset": "flickr8k", "data_root": str(root), "feature_cache": str(cache),
                  "train_split": "train", "val_split": "train", "train_limit": TRAIN_IMAGES,
                  "val_limit": TRAIN_IMAGES, "min_word_freq": 1, "batch_size": 40, "val_batch_size": 8},
     }
     for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
+        *sections, name = key.split("__")
+        target = config
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = value
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -136,85 +142,6 @@ def test_export_round_trip_gives_identical_captions(trained, flickr8k_root):
         [r.caption for r in cap.caption(images, beam_size=1)]
 
 
-def test_export_averages_checkpoints_of_one_run(trained, flickr8k_root, tmp_path):
-    """`captioner export best.ckpt out --average other.ckpt` writes the mean of the two
-    checkpoints' weights, records where they came from, and captions. (The tiny run's best
-    checkpoint is its last, so the other point of the run is the best one moved by noise.)"""
-    tmp, _ = trained
-    out = tmp_path / "averaged.safetensors"
-    best, other = tmp / "ckpt" / "best.ckpt", tmp_path / "other.ckpt"
-    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    for name, tensor in checkpoint["state_dict"].items():
-        if name.startswith("decoder.") and tensor.is_floating_point():
-            tensor.add_(0.01 * torch.randn(tensor.shape, generator=generator))
-    torch.save(checkpoint, other)
-    proc = subprocess.run([sys.executable, "-m", "captioner", "export", str(best), str(out), "--average", str(other)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    a, b = load_module(best).decoder.state_dict(), load_module(other).decoder.state_dict()
-    assert all(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
-    averaged = Captioner.load(out, device="cpu")
-    state = averaged.decoder.state_dict()
-    for name, tensor in a.items():
-        if tensor.is_floating_point() and name in state:
-            torch.testing.assert_close(state[name], (tensor + b[name]) / 2)
-    assert averaged.model.training["averaged_with"] == [str(other)]
-    results = averaged.caption([r.path for r in slice_records(flickr8k_root, 4)], beam_size=3)
-    assert all(r.ok and r.words for r in results)
-
-
-def test_export_average_refuses_a_checkpoint_of_another_vocabulary(trained, tmp_path):
-    tmp, _ = trained
-    checkpoint = torch.load(tmp / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
-    checkpoint["vocabulary"] = [*checkpoint["vocabulary"][:-1], "zebra-crossing"]
-    other = tmp_path / "other.ckpt"
-    torch.save(checkpoint, other)
-    out = tmp_path / "o.safetensors"
-    for bad, reason in ((other, "its vocabulary differs"), (tmp_path / "no.ckpt", "no such checkpoint file")):
-        proc = subprocess.run([sys.executable, "-m", "captioner", "export", str(tmp / "ckpt" / "best.ckpt"), str(out),
-                               "--average", str(bad)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 1
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("captioner: error:"), proc.stderr
-        assert f"cannot average with {bad}: {reason}" in lines[0]
-        assert not out.exists()
-
-
-def test_scheduled_sampling_applies_in_training_only():
-    from captioner.model.module import CaptioningModule
-    with pytest.raises(ValueError, match="scheduled_sampling must be in"):
-        CaptioningModule(vocab_size=30, feature_dim=8, scheduled_sampling=1.0)
-    torch.manual_seed(0)
-    module = CaptioningModule(vocab_size=30, feature_dim=8, cell="gru", embed_dim=8, hidden_dim=16,
-                              dropout=0.0, scheduled_sampling=0.5)
-    captions = torch.randint(4, 30, (6, 9))
-    captions[:, 0] = 1
-    batch = {"pooled": torch.randn(6, 8), "captions": captions, "lengths": torch.full((6,), 9)}
-    module.eval()
-    teacher_forced = module.loss(batch)[0]
-    module.train()
-    torch.manual_seed(1)
-    sampled = module.loss(batch)[0]
-    module.hparams.scheduled_sampling = 0.0
-    assert torch.allclose(module.loss(batch)[0], teacher_forced)  # p = 0: plain teacher forcing
-    assert not torch.allclose(sampled, teacher_forced)
-
-
-def test_scheduled_sampling_rises_over_the_ramp_epochs(monkeypatch):
-    from captioner.model.module import CaptioningModule
-    with pytest.raises(ValueError, match="scheduled_sampling_ramp_epochs"):
-        CaptioningModule(vocab_size=30, feature_dim=8, scheduled_sampling=0.2, scheduled_sampling_ramp_epochs=-1)
-    module = CaptioningModule(vocab_size=30, feature_dim=8, scheduled_sampling=0.4, scheduled_sampling_ramp_epochs=4)
-    probs = []
-    for epoch in (0, 1, 2, 4, 9):
-        monkeypatch.setattr(CaptioningModule, "current_epoch", property(lambda self, e=epoch: e))
-        probs.append(module.sample_prob())
-    assert probs == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.4])
-    flat = CaptioningModule(vocab_size=30, feature_dim=8, scheduled_sampling=0.4)
-    assert flat.sample_prob() == 0.4  # no ramp: the same from the first epoch
-
-
 def test_export_refuses_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "captioner", "export", str(tmp_path / "no.ckpt"),
                            str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)
@@ -256,7 +183,7 @@ def test_encoder_fine_tuning_starts_from_a_trained_decoder(trained, tmp_path, fl
     tmp, _ = trained
     start = tmp / "model.safetensors"
     finetune = write_config(tmp_path, flickr8k_root, tmp / "cache", model__init_decoder=str(start),
-                            model__finetune_blocks=1, data__mode="images", trainer__max_epochs=1,
+                            model__finetune={"blocks": 1, "lr": 1e-4}, data__mode="images", trainer__max_epochs=1,
                             trainer__check_val_every_n_epoch=1)
     train(finetune)
     out = tmp_path / "model.safetensors"
@@ -273,7 +200,7 @@ def test_encoder_fine_tuning_starts_from_a_trained_decoder(trained, tmp_path, fl
 
     # A decoder that does not fit this run's settings: one line naming the file, no traceback.
     proc = subprocess.run([sys.executable, "-m", "captioner", "train", "--config", str(finetune),
-                           "--model.hidden_dim", "32"],
+                           "--model.decoder.hidden_dim", "32"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"captioner: error: {start}: its decoder")
@@ -286,7 +213,7 @@ def test_self_critical_training_starts_from_a_trained_decoder(trained, tmp_path,
     tmp, _ = trained
     start = tmp / "model.safetensors"
     config = write_config(tmp_path, flickr8k_root, tmp / "cache", model__init_decoder=str(start),
-                          model__self_critical=True, model__self_critical_samples=3, model__lr=1e-4,
+                          model__self_critical={"reward": "bleu4", "samples": 3}, model__optimization__lr=1e-4,
                           data__captions_per_epoch="one", data__batch_size=8, trainer__max_epochs=2,
                           trainer__check_val_every_n_epoch=1)
     train(config)

@@ -69,6 +69,18 @@ class OptimizationConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Encoder fine-tuning (`captioner.model.finetune.EncoderFinetuning`): the last `blocks`
+    blocks open at epoch `unfreeze_at_epoch` with learning rate `lr`; `train_mode: false`
+    keeps their BatchNorm statistics fixed while their weights learn."""
+
+    blocks: int = 3
+    lr: float = 1e-4
+    unfreeze_at_epoch: int = 0
+    train_mode: bool = True
+
+
+@dataclass
 class SelfCriticalConfig:
     """Self-critical sequence training (`captioner.model.self_critical`).
 
@@ -91,6 +103,11 @@ class SelfCriticalConfig:
             raise ValueError(f"self_critical.xe_weight must be >= 0, got {self.xe_weight}")
 
 
+def _as(kind: type, value: Any) -> Any:
+    """A settings dataclass from itself or from its dict (as a checkpoint stores it)."""
+    return kind(**value) if isinstance(value, dict) else value
+
+
 class CaptioningModule(pl.LightningModule):
     def __init__(
         self,
@@ -100,6 +117,7 @@ class CaptioningModule(pl.LightningModule):
         optimization: OptimizationConfig = OptimizationConfig(),
         self_critical: SelfCriticalConfig | None = None,
         init_decoder: str | None = None,
+        finetune: FinetuneConfig | None = None,
         max_decode_length: int = 30,
         mode: str = "features",
         encoder: str = "efficientnet-lite0",
@@ -109,16 +127,29 @@ class CaptioningModule(pl.LightningModule):
         `init_decoder`: a model file whose decoder weights this run starts from (self-critical
         training from a converged cross-entropy decoder, or encoder fine-tuning); its decoder,
         vocabulary and encoder must match this run's. A resumed run (--ckpt_path) takes its
-        weights from the checkpoint instead."""
+        weights from the checkpoint instead. `finetune`: open the encoder's last blocks
+        (`EncoderFinetuning`; needs data.mode: images)."""
         super().__init__()
-        self.save_hyperparameters()
+        decoder, optimization = _as(DecoderSettings, decoder), _as(OptimizationConfig, optimization)
+        self_critical, finetune = _as(SelfCriticalConfig, self_critical), _as(FinetuneConfig, finetune)
+        # Checkpoints keep the settings as plain dicts: the weights-only unpickler that reads
+        # them back refuses any class.
+        self.save_hyperparameters({"vocab_size": vocab_size, "feature_dim": feature_dim, "decoder": asdict(decoder),
+                                   "optimization": asdict(optimization),
+                                   "self_critical": None if self_critical is None else asdict(self_critical),
+                                   "init_decoder": init_decoder,
+                                   "finetune": None if finetune is None else asdict(finetune),
+                                   "max_decode_length": max_decode_length, "mode": mode, "encoder": encoder})
         if vocab_size < 5 or feature_dim < 1:
             raise TrainingError("vocab_size and feature_dim must come from the data (link data.vocab_size / "
                                 f"data.feature_dim); got vocab_size={vocab_size}, feature_dim={feature_dim}")
         if mode not in ("features", "images"):
             raise TrainingError(f"mode must be features | images, got {mode!r}")
+        if finetune is not None and mode != "images":
+            raise TrainingError("model.finetune needs data.mode: images (the encoder runs in the training loop)")
         self.settings = optimization
         self.self_critical = self_critical
+        self.finetune = finetune
         self.decoder = CaptionDecoder(decoder.config(vocab_size, feature_dim))
         self.encoder = None
         if mode == "images":  # frozen until EncoderFinetuning opens its tail
@@ -128,6 +159,13 @@ class CaptioningModule(pl.LightningModule):
         self.vocabulary: Vocabulary | None = None
         self._reward: Reward | None = None  # self-critical only, built from the training references
         self._val_outputs: list[tuple[Tensor, Tensor]] = []
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Encoder fine-tuning travels with the model's config, beside the trainer's callbacks."""
+        if self.finetune is None:
+            return []
+        from captioner.model.finetune import EncoderFinetuning
+        return [EncoderFinetuning(**asdict(self.finetune))]
 
     # ---- data plumbing ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
