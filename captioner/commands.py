@@ -195,6 +195,9 @@ def train(argv: Sequence[str]) -> int:
     return run_training(argv)
 
 
-def recipe(argv: Sequence[str]) -> int:
-    from captioner.recipe import main as recipe_main
-    return recipe_main(argv)
+def recipe(args: argparse.Namespace) -> int:
+    from captioner.recipe import RecipeSettings, run_recipe
+    settings = RecipeSettings(data_root=args.data_root, workdir=args.workdir, cache=args.cache, output=args.output,
+                              limit=args.limit, max_epochs=args.max_epochs, precision=args.precision)
+    run_recipe(settings, say=lambda line: print(line, flush=True))
+    return 0
