@@ -66,7 +66,7 @@ class AttentionMapWriter:
     def __init__(self, out_dir: str | os.PathLike[str]) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise OutputError(f"{shown_path(self.out_dir)}: not a directory (--attention-maps needs one)")
+            raise OutputError(f"{shown_path(self.out_dir)}: is a file; attention maps need a directory")
         check_output(self.out_dir / ".captioner-probe", "attention maps")
         self._owner: dict[str, str] = {}  # file name -> the image path it was written for
 

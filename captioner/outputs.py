@@ -43,20 +43,22 @@ def check_output(path: str | os.PathLike[str], what: str = "output",
     except FileNotFoundError:
         info = None
     except OSError as exc:
-        raise OutputError(f"{shown}: cannot use as the {what} ({exc.strerror or exc})") from None
+        raise OutputError(f"{shown}: cannot write the {what} there ({exc.strerror or exc})") from None
     if info is not None:
         kind = describe_kind(info.st_mode)
         if kind:
             raise OutputError(f"{shown}: is {kind}; the {what} must be a regular file (it is never replaced)")
-        for source in inputs:
-            try:
-                if os.path.samefile(source, target):
-                    raise OutputError(f"{shown}: is also an input of this command; writing the {what} "
-                                      "there would destroy it")
-            except OSError:
-                continue
+        if any(_same_file(source, target) for source in inputs):
+            raise OutputError(f"{shown}: is also an input of this command; writing the {what} there would destroy it")
     _try_directory(target.parent if str(target.parent) else Path("."), shown, what)
     return target
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: not the same file
+        return False
 
 
 def _try_directory(directory: Path, shown: str, what: str) -> None:

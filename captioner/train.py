@@ -23,7 +23,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from captioner.data.datamodule import CaptionDataModule
 from captioner.errors import CaptionerError
-from captioner.export import load_module
+from captioner.export import load_module, read_checkpoint
 from captioner.model.module import CaptioningModule
 from captioner.modelfile import save_model
 
@@ -123,12 +123,25 @@ class CaptionerCLI(LightningCLI):
         parser.link_arguments("model.decoder.attention", "data.load_grid")
 
 
+def _ckpt_paths(args: Sequence[str]) -> list[str]:
+    """The values of --ckpt_path in a LightningCLI argument list ("last"/"best" are Lightning's)."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            found.append(args[i + 1])
+        elif arg.startswith("--ckpt_path="):
+            found.append(arg.split("=", 1)[1])
+    return [f for f in found if f not in ("last", "best", "null", "None", "")]
+
+
 def run_training(argv: Sequence[str]) -> int:
     """Entry point of `captioner train ...`; argv is everything after `train`. Problems with
     the user's data or files raise CaptionerError (the CLI prints one line)."""
     args = list(argv)
     if not args or args[0].startswith("-"):
         args = ["fit", *args]  # `captioner train --config x.yaml` means fit
+    for checkpoint in _ckpt_paths(args):
+        read_checkpoint(checkpoint)  # a malicious or broken --ckpt_path: one line, nothing run
     torch.set_float32_matmul_precision("high")
     # sys.argv stays as it is (DDP re-launches it in each process); `args` is what we parse.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

@@ -58,8 +58,10 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def shown(path: str | os.PathLike) -> str:
-    """How the CLI prints a path: as given, with line breaks escaped (one line per image)."""
-    return os.fsdecode(path).replace("\r", "\\r").replace("\n", "\\n")
+    """How the CLI prints a path: as given, with line breaks and control characters escaped
+    reversibly (one line per image; captioner.formats)."""
+    from captioner.formats import escape_name
+    return escape_name(os.fsdecode(path))
 
 
 # ------------------------------------------------------------------------------ the corpus
@@ -309,7 +311,7 @@ def test_attention_maps_dir_that_is_a_file_is_one_error(corpus, tiny_model_file,
     rc = main(["caption", *good, "--model", str(tiny_model_file), "--attention-maps", str(blocker)])
     out, err = capsys.readouterr()
     assert rc == 1 and out == ""
-    assert err.splitlines() == [f"{ERROR}{blocker}: cannot create the attention map directory (File exists)"]
+    assert err.splitlines() == [f"{ERROR}{blocker}: is a file; attention maps need a directory"]
 
 
 # ------------------------------------------------------------------------------ fuzz
