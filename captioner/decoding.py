@@ -68,8 +68,12 @@ class DecodingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise DecodingConfigError(f"decoding {name} must be a number, got {value!r}")
-            _check_range(name, float(value))
-            object.__setattr__(self, name, float(value))
+            try:
+                number = float(value)
+            except OverflowError:  # an integer too large for a float
+                number = float("inf")
+            _check_range(name, number)
+            object.__setattr__(self, name, number)
         if not isinstance(self.sample, bool):
             raise DecodingConfigError(f"decoding sample must be true or false, got {self.sample!r}")
         if self.precision not in PRECISIONS:

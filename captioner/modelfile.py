@@ -215,14 +215,20 @@ def _model_from_metadata(meta: dict[str, str], shown: str) -> ModelFile:
         field_name = "decoding"
         decoding = DecodingConfig.from_dict(_json(meta, "decoding", "{}"))
         field_name = "training"
-        training, scores = _json(meta, "training", "{}"), None
+        training = _json(meta, "training", "{}")
+        if not isinstance(training, dict):
+            raise ValueError("must be a JSON object")
         field_name = "scores"
         scores = _json(meta, "scores", "{}")
-        if not isinstance(training, dict) or not isinstance(scores, dict):
+        if not isinstance(scores, dict):
             raise ValueError("must be a JSON object")
         name = meta.get("name", "")[:200]
-    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError, OverflowError) as exc:
         raise ModelFileError(f"{shown}: damaged metadata: {field_name}: {_first_line(exc)}") from None
+    from captioner.model.encoders import encoder_feature_dim
+    if config.feature_dim != encoder_feature_dim(encoder["name"]):
+        raise ModelFileError(f"{shown}: the decoder expects {config.feature_dim} feature channels but "
+                             f"{encoder['name']} gives {encoder_feature_dim(encoder['name'])}")
     for i, (member, _) in enumerate([(config, {}), *ensemble]):
         what = "decoder" if i == 0 else f"ensemble member {i}"
         if member.vocab_size != len(vocab):

@@ -1,10 +1,17 @@
 """Decoder and search behaviour on small random models (fast, no data needed)."""
+import itertools
+import math
+
 import pytest
 import torch
 
+from captioner.decoding import DecodingConfig
 from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory, SoftAttention
-from captioner.model.search import beam_search, greedy, length_penalty, repeat_state, sample
+from captioner.model.search import (NEVER_WRITTEN, bar_end, beam_search, decode, draw, end_barring, greedy,
+                                    length_penalty, repeat_state, sample)
 from captioner.text import Vocabulary
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CONFIGS = [(cell, att) for cell in ("lstm", "gru", "rnn") for att in (False, True)]
 
@@ -58,30 +65,6 @@ def test_teacher_forcing_equals_step_by_step(cell, attention, layers):
         assert alphas is None
 
 
-@pytest.mark.parametrize("cell,attention", CONFIGS)
-def test_scheduled_sampling_feeds_back_the_decoders_own_words(cell, attention):
-    """sample_prob 0 through the step loop equals the fused teacher-forced path; sample_prob
-    ~1 feeds every word after <start> from the decoder's own previous argmax (free running),
-    and the loss still lines up with the reference targets."""
-    dec, mem = make(cell, attention)
-    caps, lengths = padded_batch()
-    forced, targets, _ = dec(mem, caps, lengths)
-    steps = lengths - 1
-    stepwise, _ = dec._forward_stepwise(caps[:, :-1], steps, dec.init_state(mem), mem)
-    mask = torch.arange(caps.shape[1] - 1)[None] < steps[:, None]
-    torch.testing.assert_close(dec.output(stepwise[mask]), forced, atol=1e-5, rtol=0)
-
-    free, free_targets, _ = dec(mem, caps, lengths, sample_prob=0.999999)
-    assert torch.equal(free_targets, targets)
-    state, tok, outs = dec.init_state(mem), caps[:, 0], []
-    for _ in range(caps.shape[1] - 1):
-        logits, state, _ = dec.step(tok, state, mem)
-        outs.append(logits)
-        tok = logits.argmax(1)
-    torch.testing.assert_close(free, torch.stack(outs, 1)[mask], atol=1e-5, rtol=0)
-    assert not torch.allclose(free, forced, atol=1e-3)
-
-
 def test_padding_does_not_change_results():
     dec, mem = make("lstm", True)
     caps, lengths = padded_batch()
@@ -110,25 +93,6 @@ def test_k_rows_per_image_share_the_memory_row(cell, attention):
             dec.step(tokens[:14], tuple(s[:, :14] for s in state), mem)
 
 
-@pytest.mark.parametrize("cell,attention", CONFIGS)
-def test_folded_embedding_steps_like_the_plain_decoder(cell, attention):
-    """fold_embedding (what Captioner does) changes no step's result beyond float rounding,
-    so beam search finds the same captions; .train() drops the tables."""
-    dec, mem = make(cell, attention)
-    plain = beam_search(dec, mem, beam_size=3, max_length=12, n_best=3, return_attention=attention)
-    state, tokens = dec.init_state(mem), torch.tensor([1, 5, 9, 2, 7])
-    expected = dec.step(tokens, state, mem)
-    assert dec.fold_embedding() is dec and dec._token_gates.shape[0] == 40
-    got = dec.step(tokens, state, mem)
-    for a, b in zip((expected[0], *expected[1]), (got[0], *got[1])):
-        assert torch.allclose(a, b, atol=1e-5)
-    folded = beam_search(dec, mem, beam_size=3, max_length=12, n_best=3, return_attention=attention)
-    assert torch.equal(plain.tokens, folded.tokens)
-    assert torch.allclose(plain.log_probs, folded.log_probs, atol=1e-5)
-    dec.train()
-    assert dec._token_gates is None and "_token_gates" not in dec.state_dict()
-
-
 def test_rnn_cell_is_plain_tanh_rnn():
     dec, mem = make("rnn")
     assert isinstance(dec.rnn, torch.nn.RNN) and dec.rnn.nonlinearity == "tanh"
@@ -141,9 +105,9 @@ def test_rnn_cell_is_plain_tanh_rnn():
 
 
 def test_attention_is_show_attend_and_tell_soft_attention():
-    """The sigmoid form computed for speed is the textbook tanh attention: same context,
-    weights and gradients (Xu et al. 2015: alpha = softmax(w . tanh(W_v v + W_h h) + b),
-    context = sigmoid(W_b h) * sum(alpha v))."""
+    """SoftAttention over K rows per image is the textbook attention of each row against its
+    image's grid: same context, weights and gradients (Xu et al. 2015: alpha =
+    softmax(w . tanh(W_v v + W_h h) + b), context = sigmoid(W_b h) * sum(alpha v))."""
     torch.manual_seed(0)
     att = SoftAttention(feature_dim=16, hidden_dim=12, attention_dim=10)
     grid, hidden = torch.randn(3, 6, 16, requires_grad=True), torch.randn(6, 12, requires_grad=True)  # K = 2
@@ -166,6 +130,20 @@ def test_config_validation():
         DecoderConfig(vocab_size=10, feature_dim=4, cell="transformer")
     with pytest.raises(ValueError, match="dropout"):
         DecoderConfig(vocab_size=10, feature_dim=4, dropout=1.0)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden_dim", 0), ("hidden_dim", -3), ("hidden_dim", 32.0), ("hidden_dim", "32"), ("hidden_dim", True),
+    ("vocab_size", None), ("num_layers", 1.5), ("embed_dim", [8]), ("attention", 1), ("attention", "yes"),
+    ("dropout", True), ("dropout", -0.1), ("dropout", "0.1"), ("dropout", float("nan")),
+])
+def test_config_refuses_values_of_the_wrong_kind(field, value):
+    """Sizes are positive integers (not bools, floats or strings), attention a bool, dropout
+    a number in [0, 1): a config read from a file cannot smuggle in another type."""
+    settings = {"vocab_size": 10, "feature_dim": 4, field: value}
+    with pytest.raises(ValueError, match=field):
+        DecoderConfig(**settings)
+    assert DecoderConfig(vocab_size=10, feature_dim=4, dropout=0).to_dict()["dropout"] == 0  # an int is a number
 
 
 @pytest.mark.parametrize("cell,attention", CONFIGS)
@@ -260,39 +238,145 @@ def test_images_leaving_in_stages_keep_their_own_results_and_the_callers_memory(
         assert torch.allclose(alone.attention[0], together.attention[i, :, :n], atol=1e-5)
 
 
-def test_n_best_search_stops_no_earlier_than_its_answer_allows():
-    """Stopping once the n best finished hypotheses are settled (exhaustive bound) returns
-    exactly the top n of a search that settles all K."""
+def test_n_best_answer_is_the_top_of_the_wider_search():
+    """Without a length penalty, stopping once the n best finished captions are settled
+    loses nothing: the n-best answer is exactly the top n of the search that settles all K,
+    and a smaller n costs fewer decoder rows."""
     dec, mem = make("lstm", True)
     with torch.no_grad():
-        dec.output.bias[Vocabulary.end_id] = 1.5
-    full = beam_search(dec, mem, beam_size=4, max_length=15, alpha=1.0, n_best=4, exhaustive=True)
+        dec.output.bias[Vocabulary.end_id] = 0.2  # captions of 5 to 15 tokens
+    rows = count_rows(dec)
+    full = beam_search(dec, mem, beam_size=4, max_length=15, n_best=4)
+    assert len(set(full.lengths[:, 0].tolist())) >= 3
+    cost = {4: sum(rows)}
     for n in (1, 2):
-        early = beam_search(dec, mem, beam_size=4, max_length=15, alpha=1.0, n_best=n, exhaustive=True)
+        rows[:] = []
+        early = beam_search(dec, mem, beam_size=4, max_length=15, n_best=n)
+        cost[n] = sum(rows)
         width = early.tokens.shape[2]
         assert torch.equal(early.tokens, full.tokens[:, :n, :width])
         assert (full.tokens[:, :n, width:] == Vocabulary.pad_id).all()
-        assert torch.allclose(early.scores, full.scores[:, :n])
+        torch.testing.assert_close(early.scores, full.scores[:, :n])
+    assert cost[1] < cost[2] < cost[4], cost
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_default_stop_rule_is_the_exhaustive_one_cut_short(alpha):
-    """The default stop (no open beam could enter the answer by ending at the next step)
-    costs fewer rows than the exhaustive bound; the exhaustive search continues the very same
-    beams, so its answer scores at least as well; without a length penalty both rules are
-    one and the same."""
-    dec, mem = make("gru", True, seed=1)
+def brute_force_n_best(dec, mem, max_length, alpha, n):
+    """Every caption of at most max_length tokens (<end> included) over the writable words,
+    scored exactly as beam search scores finished ones: [(score, log_prob, tokens)] per image."""
+    vocab = dec.config.vocab_size
+    words = [w for w in range(vocab) if w not in NEVER_WRITTEN and w != Vocabulary.end_id]
+    images = mem.pooled.shape[0]
+    answers = []
+    for i in range(images):
+        single = Memory(*(None if x is None else x[i:i + 1] for x in mem))
+        found = []
+        for length in range(max_length):
+            for prefix in itertools.product(words, repeat=length):
+                tokens = [*prefix, Vocabulary.end_id]
+                state, previous, total = dec.init_state(single), Vocabulary.start_id, 0.0
+                for token in tokens:
+                    logits, state, _ = dec.step(torch.tensor([previous]), state, single)
+                    total += float(torch.log_softmax(logits, -1)[0, token])
+                    previous = token
+                found.append((total / float(length_penalty(torch.tensor(len(tokens)), alpha)), total, tokens))
+        answers.append(sorted(found, key=lambda x: -x[0])[:n])
+    return answers
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0])
+@pytest.mark.parametrize("cell,attention", [("gru", True), ("lstm", False)])
+def test_a_beam_wide_enough_for_every_caption_finds_the_exact_n_best(cell, attention, alpha):
+    """Three writable tokens (two words and <end>), captions of at most 4 tokens: a beam of
+    24 holds every hypothesis, so beam search must return the brute-force n-best exactly,
+    ranked by score. The stop rule is exact whenever the penalty never rewards length
+    (alpha <= 0): a longer caption can only score lower than its prefix's bound."""
+    dec, mem = make(cell, attention, vocab=6)
+    mem = Memory(*(None if x is None else x[:3] for x in mem))
     with torch.no_grad():
-        dec.output.bias[Vocabulary.end_id] = 1.0
-    rows = count_rows(dec)
-    quick = beam_search(dec, mem, beam_size=3, max_length=25, alpha=alpha)
-    quick_rows, rows[:] = sum(rows), []
-    full = beam_search(dec, mem, beam_size=3, max_length=25, alpha=alpha, exhaustive=True)
-    assert (full.scores[:, 0] >= quick.scores[:, 0] - 1e-6).all()
-    if alpha == 0:
-        assert quick_rows == sum(rows) and torch.equal(quick.tokens, full.tokens)
-    else:
-        assert quick_rows < sum(rows)
+        dec.output.bias[Vocabulary.end_id] = 0.5
+        result = beam_search(dec, mem, beam_size=24, max_length=4, n_best=8, alpha=alpha)
+        expected = brute_force_n_best(dec, mem, 4, alpha, 8)
+    for i, best in enumerate(expected):
+        assert len({len(tokens) for _, _, tokens in best}) >= 2  # captions of different lengths compete
+        for j, (score, log_prob, tokens) in enumerate(best):
+            assert result.tokens[i, j, :len(tokens)].tolist() == tokens
+            assert int(result.lengths[i, j]) == len(tokens)
+            assert float(result.log_probs[i, j]) == pytest.approx(log_prob, abs=1e-4)
+            assert float(result.scores[i, j]) == pytest.approx(score, abs=1e-4)
+
+
+def test_search_refuses_an_impossible_n_best():
+    dec, mem = make("gru")
+    for beam, n in ((2, 3), (0, 1), (3, 0)):
+        with pytest.raises(ValueError, match="1 <= n_best <= beam_size"):
+            beam_search(dec, mem, beam_size=beam, n_best=n)
+
+
+def test_decode_runs_the_method_the_config_asks_for():
+    """decode() is beam search with the config's beam, n-best, length and penalty, or
+    sampling with its temperature, top-k and n-best draws; no_end_after reaches both."""
+    dec, mem = make("gru", True)
+    barred = [4, 5]
+    beam = DecodingConfig(beam_size=4, n_best=2, max_length=9, length_penalty=0.6)
+    got = decode(dec, mem, beam, return_attention=True, no_end_after=barred)
+    want = beam_search(dec, mem, beam_size=4, max_length=9, alpha=0.6, n_best=2, return_attention=True,
+                       no_end_after=barred)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.scores, want.scores)
+    assert got.attention is not None and torch.equal(got.attention, want.attention)
+    drawn = DecodingConfig(sample=True, n_best=5, beam_size=1, max_length=7, temperature=0.8, top_k=6)
+    got = decode(dec, mem, drawn, generator=torch.Generator().manual_seed(2), no_end_after=barred)
+    want = sample(dec, mem, 7, temperature=0.8, top_k=6, num_samples=5, generator=torch.Generator().manual_seed(2),
+                  no_end_after=barred)
+    assert got.tokens.shape[:2] == (5, 5) and torch.equal(got.tokens, want.tokens)
+    assert torch.equal(got.log_probs, want.log_probs)
+
+
+def test_length_penalty_is_gnmt():
+    lengths = torch.tensor([1, 4, 10])
+    assert torch.equal(length_penalty(lengths, 0.0), torch.ones(3))
+    torch.testing.assert_close(length_penalty(lengths, 0.7), ((5.0 + lengths.float()) / 6.0) ** 0.7)
+    assert float(length_penalty(torch.tensor(1), 2.0)) == pytest.approx(1.0)  # ((5 + 1) / 6) ** alpha
+
+
+def test_repeat_state_is_image_major():
+    h = torch.arange(6.0).view(1, 3, 2)  # 1 layer, 3 images, H = 2
+    (repeated,) = repeat_state((h,), 2)
+    assert repeated[0, :, 0].tolist() == [0.0, 0.0, 2.0, 2.0, 4.0, 4.0]
+    assert repeat_state((h,), 1)[0] is h
+
+
+def test_end_barring_masks_end_after_the_barred_words_only():
+    assert end_barring(None, 8, "cpu") is None and end_barring([], 8, "cpu") is None
+    barred = end_barring([4, 6], 8, "cpu")
+    assert barred.tolist() == [False] * 4 + [True, False, True, False]
+    logp = torch.zeros(3, 8)
+    bar_end(logp, torch.tensor([4, 5, 6]), barred)
+    assert logp[:, Vocabulary.end_id].tolist() == [-math.inf, 0.0, -math.inf]
+    assert torch.isfinite(logp[:, [0, 1, 3, 4, 5, 6, 7]]).all()  # only <end> is touched
+    unchanged = torch.zeros(3, 8)
+    bar_end(unchanged, torch.tensor([4, 5, 6]), None)
+    assert torch.equal(unchanged, torch.zeros(3, 8))
+
+
+def test_sampling_log_probs_are_over_the_writable_words():
+    """The never-written ids are banned before the log-softmax and the top-k cut: a decoder
+    that loves <unk> still draws from its two best real words (top_k=2), each with its
+    probability among the writable words."""
+    dec, mem = make("gru", vocab=12)
+    with torch.no_grad():
+        dec.output.weight.zero_()
+        dec.output.bias.zero_()
+        dec.output.bias[Vocabulary.unk_id] = 100.0
+        dec.output.bias[[4, 5]] = 5.0
+        drawn = draw(dec, mem, samples=40, max_length=1, top_k=2, generator=torch.Generator().manual_seed(0))
+    first = drawn.tokens[:, 0]
+    assert set(first.tolist()) == {4, 5}  # both, and nothing else
+    writable = 12 - len(NEVER_WRITTEN)
+    expected = 5.0 - math.log(2 * math.exp(5.0) + (writable - 2))
+    torch.testing.assert_close(drawn.log_probs[:, 0], torch.full((200,), expected), atol=1e-5, rtol=0)
+    sorted_result = sample(dec, mem, 1, top_k=2, num_samples=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sorted_result.scores, sorted_result.log_probs)
+    assert (sorted_result.lengths == 1).all()
 
 
 def test_finished_log_prob_matches_rescoring():

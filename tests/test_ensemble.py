@@ -1,25 +1,28 @@
 """Ensembles: decoders averaged per step, stored in one model file, built with `captioner ensemble`."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from captioner.decoding import DecodingConfig
+from captioner.errors import ModelFileError
 from captioner.model.decoder import CaptionDecoder, DecoderConfig
 from captioner.model.ensemble import EnsembleConfig, EnsembleDecoder
 from captioner.model.search import beam_search, sample
-from captioner.modelfile import ModelFile, ModelFileError, combine_models, load_model, save_model
+from captioner.modelfile import MAX_MEMBERS, ModelFile, combine_models, load_model, save_model
 from captioner.text import Vocabulary
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = Vocabulary.build(["a dog runs on grass", "a cat sits on a red mat", "two men ride bikes"], min_freq=1)
 PREP = {"size": 224, "resize": "squash", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 ENCODER = {"name": "efficientnet-lite0", "preprocessing": PREP, "finetuned": False}
-C, L = 12, 9
+C, L = 1280, 9  # EfficientNet-Lite0's channels: the files name it as their encoder
 
 
 def decoder(cell="gru", attention=False, seed=0, hidden=10, layers=1) -> CaptionDecoder:
@@ -114,8 +117,9 @@ def test_ensemble_file_round_trip_captions_identically(tmp_path):
     path = tmp_path / "ens.safetensors"
     save_model(path, combined)
     with safe_open(str(path), framework="pt") as fh:
-        assert fh.metadata()["format_version"] == "2"
+        assert fh.metadata()["format_version"] == "3"
         assert any(k.startswith("ensemble.0.") for k in fh.keys())
+        assert len(json.loads(fh.metadata()["ensemble"])) == 1
     loaded = load_model(path)
     assert [c for c, _ in loaded.members] == [m.config for m in members]
     assert loaded.scores == {"test": {"bleu4": 0.2}} and len(loaded.training["ensemble_of"]) == 2
@@ -132,12 +136,22 @@ def test_ensemble_file_round_trip_captions_identically(tmp_path):
     assert len(again.members) == 3
 
 
-def test_single_decoder_files_stay_version_1(tmp_path):
+def test_single_decoder_files_have_no_ensemble_part(tmp_path):
     path = tmp_path / "one.safetensors"
     save_model(path, model_file(decoder()))
     with safe_open(str(path), framework="pt") as fh:
-        assert fh.metadata()["format_version"] == "1" and "ensemble" not in fh.metadata()
-    assert isinstance(load_model(path).build_decoder(), CaptionDecoder)
+        assert fh.metadata()["format_version"] == "3" and "ensemble" not in fh.metadata()
+        assert all(k.startswith("decoder.") for k in fh.keys())
+    loaded = load_model(path)
+    assert isinstance(loaded.build_decoder(), CaptionDecoder) and loaded.ensemble == []
+
+
+def test_the_ensemble_keeps_the_first_models_decoding_and_caps_its_members():
+    first, second = model_file(decoder()), model_file(decoder(seed=1))
+    first.decoding = DecodingConfig(beam_size=5, length_penalty=0.4)
+    assert combine_models([first, second]).decoding == first.decoding
+    with pytest.raises(ModelFileError, match=f"at most {MAX_MEMBERS} decoders, got {MAX_MEMBERS + 1}"):
+        combine_models([model_file(decoder(seed=i)) for i in range(MAX_MEMBERS + 1)])
 
 
 def test_combine_refuses_what_cannot_be_averaged():
@@ -164,24 +178,56 @@ def test_damaged_ensemble_member_is_refused(tmp_path):
     combined.ensemble[0] = (combined.ensemble[0][0], state)
     path = tmp_path / "bad.safetensors"
     save_model(path, combined)
-    with pytest.raises(ModelFileError, match="weight output.weight has shape"):
+    with pytest.raises(ModelFileError, match=r"bad.safetensors: weight ensemble.0.output.weight has shape \(3, 3\), "
+                                             r"the config implies \(\d+, 10\)"):
         load_model(path)
 
 
-def test_cli_ensemble_writes_a_file_and_reports_errors_in_one_line(tmp_path):
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`captioner ARGS...` through the CLI entry point, in this process: (exit status, stderr).
+    Its two process-wide settings (the malloc tuning, the warning printer) are left out or undone."""
+    import warnings
+
+    import captioner.allocator
+    from captioner.cli import main
+
+    monkeypatch.setattr(captioner.allocator, "keep_freed_memory", lambda: False)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+
+    def run(*argv) -> tuple[int, str]:
+        capsys.readouterr()
+        status = main([str(a) for a in argv])
+        return status, capsys.readouterr().err
+
+    return run
+
+
+def test_cli_ensemble_writes_a_file_and_reports_errors_in_one_line(tmp_path, cli):
+    """`captioner ensemble` writes the combined file with its name; a missing input and a
+    single model are each one error line (exit status 1), with nothing written."""
     paths = []
     for seed in (0, 1):
         paths.append(tmp_path / f"m{seed}.safetensors")
         save_model(paths[-1], model_file(decoder(seed=seed)))
-    out = tmp_path / "ens.safetensors"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "captioner", "ensemble", *map(str, a)],  # noqa: E731
-                                    capture_output=True, text=True, cwd=REPO, timeout=120)
-    ok = run(*paths, "-o", out)
-    assert ok.returncode == 0, ok.stderr
-    assert "2 decoders" in ok.stderr and len(load_model(out).members) == 2
-    missing = run(paths[0], tmp_path / "nope.safetensors", "-o", tmp_path / "x.safetensors")
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert missing.stderr.strip() == f"captioner: error: {tmp_path / 'nope.safetensors'}: no such model file"
-    assert not (tmp_path / "x.safetensors").exists()
-    lonely = run(paths[0], "-o", tmp_path / "y.safetensors")
-    assert lonely.returncode == 1 and "at least two" in lonely.stderr
+    out, missing = tmp_path / "ens.safetensors", tmp_path / "nope.safetensors"
+    status, err = cli("ensemble", *paths, "-o", out, "--name", "pair")
+    assert status == 0 and err == f"captioner: wrote {out} (2 decoders)\n"
+    combined = load_model(out)
+    assert len(combined.members) == 2 and combined.name == "pair"
+    assert cli("ensemble", paths[0], missing, "-o", tmp_path / "x.safetensors") == (
+        1, f"captioner: error: {missing}: no such model file\n")
+    status, err = cli("ensemble", paths[0], "-o", tmp_path / "y.safetensors")
+    assert status == 1 and err.count("\n") == 1 and err.startswith("captioner: error: ") and "at least two" in err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_cli_ensemble_never_overwrites_one_of_its_inputs(tmp_path, cli):
+    paths = []
+    for seed in (0, 1):
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        save_model(paths[-1], model_file(decoder(seed=seed)))
+    before = paths[1].read_bytes()
+    status, err = cli("ensemble", *paths, "-o", paths[1])
+    assert paths[1].read_bytes() == before
+    assert status == 1 and err.startswith(f"captioner: error: {paths[1]}: is also an input of this command")

@@ -231,6 +231,24 @@ def test_coco_scores_without_meteor():
 
 
 @needs_coco
+def test_corpus_scores_can_leave_meteor_out(monkeypatch):
+    """meteor=False: BLEU and the toolkit's CIDEr-D and ROUGE-L, and the Java METEOR never starts."""
+    cider, rouge, _ = metrics._coco_scorers()
+
+    class NeverStarted:
+        def __init__(self):
+            pytest.fail("METEOR was started")
+
+    monkeypatch.setattr(metrics, "_coco_scorers", lambda: (cider, rouge, NeverStarted))
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
+    hyps, refs = ["a dog runs on the grass", "two kids play"], [["a dog runs on grass"], ["two kids play soccer"]]
+    scores = corpus_scores(hyps, refs, coco=True, meteor=False)
+    assert set(scores) == {*KEYS, "cider_d", "rouge_l"}
+    assert {k: scores[k] for k in KEYS} == bleu_scores(hyps, refs)
+    assert {k: scores[k] for k in ("cider_d", "rouge_l")} == coco_scores(hyps, refs, meteor=False)
+
+
+@needs_coco
 def test_meteor_omitted_with_reason_when_java_missing(monkeypatch, caplog):
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     with caplog.at_level(logging.WARNING, logger="captioner.metrics"):

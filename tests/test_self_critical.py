@@ -1,16 +1,20 @@
-"""Self-critical sequence training: sampling with gradients, the BLEU-4 and CIDEr-D rewards
-(CIDEr-D equal to the COCO toolkit's), the mean-of-others baseline, and that the loss
-actually teaches a decoder the references."""
+"""Self-critical sequence training: sampling with gradients (`search.draw`), the BLEU and
+CIDEr-D rewards (CIDEr-D equal to the COCO toolkit's), the mean-of-others baseline, and that
+the loss actually teaches a decoder the references."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from captioner.errors import TrainingError
 from captioner.model.decoder import CaptionDecoder, DecoderConfig
-from captioner.model.module import CaptioningModule
+from captioner.model.module import CaptioningModule, DecoderSettings, OptimizationConfig, SelfCriticalConfig
+from captioner.model.search import draw
 from captioner.model.self_critical import (CiderD, build_reward, mean_of_others_advantage, parse_reward,
-                                           sample_with_log_probs, self_critical_loss, sentence_bleu_rewards)
-from captioner.text import Vocabulary, mirror_words
+                                           self_critical_loss, sentence_bleu_rewards)
+from captioner.text import BAD_ENDINGS, Vocabulary
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 WORDS = ["a", "dog", "runs", "on", "grass", "cat", "sleeps", "the", "red", "ball"]
 VOCAB = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", *WORDS])
@@ -30,7 +34,8 @@ def memory(model: CaptionDecoder, images: int = 3):
 @pytest.mark.parametrize("attention", [False, True])
 def test_samples_carry_log_probs_with_gradients(attention):
     model = decoder(attention)
-    tokens, log_probs, mask = sample_with_log_probs(model, memory(model), samples=4, max_length=7)
+    drawn = draw(model, memory(model), samples=4, max_length=7)
+    tokens, log_probs, mask = drawn.tokens, drawn.log_probs, drawn.mask
     assert tokens.shape == log_probs.shape == mask.shape and tokens.shape[0] == 12 and tokens.shape[1] <= 7
     assert not torch.isin(tokens[mask], torch.tensor([0, 1, 3])).any()  # no <pad>/<start>/<unk> written
     assert (tokens[~mask] == Vocabulary.pad_id).all()
@@ -39,10 +44,49 @@ def test_samples_carry_log_probs_with_gradients(attention):
         ends = (row == Vocabulary.end_id).nonzero()
         if len(ends):  # the mask covers the words and the first <end>, nothing after
             assert keep.sum() == ends[0, 0] + 1 and keep[: ends[0, 0] + 1].all()
+        else:  # ran out of steps: every token is real
+            assert keep.all() and tokens.shape[1] == 7
+    if attention:  # one distribution over the 4 grid cells per step
+        assert drawn.attention.shape == (12, tokens.shape[1], 4)
+        torch.testing.assert_close(drawn.attention.sum(-1), torch.ones(12, tokens.shape[1]))
+    else:
+        assert drawn.attention is None
     (log_probs * mask).sum().backward()
     assert model.output.weight.grad is not None and model.output.weight.grad.abs().sum() > 0
     if attention:
         assert model.attention.encoder_proj.weight.grad.abs().sum() > 0
+
+
+def test_drawn_log_probs_are_the_models_own_at_any_temperature():
+    """The temperature and the top-k cut shape the draw, not the log-probabilities the loss
+    pushes on: rescoring the drawn captions with step() gives the same numbers."""
+    model = decoder().eval()
+    mem = memory(model)
+    with torch.no_grad():
+        drawn = draw(model, mem, samples=2, max_length=6, temperature=0.5, top_k=3,
+                     generator=torch.Generator().manual_seed(0))
+        state = tuple(s.repeat_interleave(2, dim=1) for s in model.init_state(mem))
+        previous = torch.full((6,), Vocabulary.start_id)
+        for t in range(drawn.tokens.shape[1]):
+            logits, state, _ = model.step(previous, state, mem)
+            logits[:, [0, 1, 3]] = float("-inf")
+            logp = torch.log_softmax(logits, -1)
+            word = drawn.tokens[:, t]
+            real = drawn.mask[:, t]
+            torch.testing.assert_close(drawn.log_probs[real, t], logp[real].gather(1, word[real, None]).squeeze(1))
+            previous = word
+
+
+def test_samples_are_drawn_reproducibly_with_a_generator():
+    model = decoder()
+    mem = memory(model)
+    with torch.no_grad():
+        a = draw(model, mem, 3, 8, generator=torch.Generator().manual_seed(7))
+        b = draw(model, mem, 3, 8, generator=torch.Generator().manual_seed(7))
+        c = draw(model, mem, 3, 8, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        draw(model, mem, 3, 8, temperature=0.0)
 
 
 def test_sentence_bleu_rewards_rank_captions_by_their_match():
@@ -114,7 +158,8 @@ def test_cider_d_equals_the_coco_toolkit():
     assert [ours.score(h, i) for i, h in enumerate(hyps)] == pytest.approx(list(per_image), abs=1e-9)
 
 
-@pytest.mark.parametrize("reward", ["cider", "bleu4", "bleu1+bleu4"])
+@pytest.mark.parametrize("reward", ["cider", pytest.param("bleu4", marks=pytest.mark.slow),
+                                    pytest.param("bleu1+bleu4", marks=pytest.mark.slow)])
 def test_self_critical_loss_teaches_the_references(reward):
     """200 steps of the loss alone move a random decoder's samples towards the references:
     the mean sampled reward rises from chance to most of the way, and greedy output follows."""
@@ -142,20 +187,57 @@ def test_self_critical_loss_teaches_the_references(reward):
     assert score([VOCAB.decode(t.tolist()).split() for t in tokens], [0, 1]).min() > 0.3 * best
 
 
-def test_module_settings_are_checked():
-    with pytest.raises(ValueError, match="self_critical_samples must be >= 2"):
-        CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, self_critical_samples=1)
+def test_self_critical_settings_are_checked():
+    with pytest.raises(ValueError, match="self_critical.samples must be >= 2"):
+        SelfCriticalConfig(samples=1)
     with pytest.raises(ValueError, match="self_critical_reward must be one of cider"):
-        CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, self_critical_reward="meteor")
-    with pytest.raises(ValueError, match="drop scheduled_sampling"):
-        CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, scheduled_sampling=0.2)
-    with pytest.raises(ValueError, match="self_critical_xe_weight must be >= 0"):
-        CaptioningModule(vocab_size=30, feature_dim=8, self_critical=True, self_critical_xe_weight=-0.1)
+        SelfCriticalConfig(reward="meteor")
+    with pytest.raises(ValueError, match="self_critical.xe_weight must be >= 0"):
+        SelfCriticalConfig(xe_weight=-0.1)
+    assert SelfCriticalConfig(reward="bleu1+bleu4", samples=2).reward == "bleu1+bleu4"
+
+
+def test_samples_never_end_on_a_bad_ending():
+    """The loss draws as search writes: never <end> right after "a", "on", "the"... (a policy
+    trained on BLEU learns to stop on them). A decoder keen to end shows the bar matters."""
+    model = decoder()
+    with torch.no_grad():
+        model.output.bias[Vocabulary.end_id] = 2.0
+    seen: list[list[str]] = []
+
+    def reward(hypotheses, images):
+        seen.extend(hypotheses)
+        return torch.zeros(len(hypotheses))
+
+    mem = model.memory(None, torch.randn(3, 6))
+    torch.manual_seed(0)
+    self_critical_loss(model, mem, reward, [0, 1, 2], VOCAB, samples=30, max_length=25)
+    assert len(seen) == 90 and sum(1 for h in seen if h) > 45
+    assert not [h for h in seen if h and h[-1] in BAD_ENDINGS]
+    torch.manual_seed(0)
+    unbarred = draw(model, mem, 30, 25)  # the same decoder without the bar
+    ended_on = [VOCAB.decode(row.tolist()).split()[-1:] for row in unbarred.tokens]
+    assert any(words and words[0] in BAD_ENDINGS for words in ended_on)
+
+
+def test_loss_parts_are_the_mean_reward_and_length():
+    model = decoder()
+    mem = memory(model, images=2)
+    torch.manual_seed(0)
+    loss, parts = self_critical_loss(model, mem, lambda h, i: torch.tensor([float(len(x)) for x in h]), [0, 1],
+                                     VOCAB, samples=4, max_length=9)
+    torch.manual_seed(0)
+    drawn = draw(model, mem, 4, 9, no_end_after=VOCAB.bad_ending_ids())
+    words = torch.tensor([float(len(VOCAB.decode(r.tolist()).split())) for r in drawn.tokens])
+    assert float(parts["reward"]) == pytest.approx(float(words.mean()))
+    assert float(parts["sample_length"]) == pytest.approx(float(drawn.mask.sum(1).float().mean()))
+    assert loss.requires_grad and torch.isfinite(loss)
 
 
 def test_module_trains_on_rewards_and_validates_as_usual():
-    module = CaptioningModule(vocab_size=len(VOCAB), feature_dim=6, cell="gru", embed_dim=8, hidden_dim=16,
-                              dropout=0.0, self_critical=True, self_critical_samples=3, self_critical_max_length=6)
+    module = CaptioningModule(vocab_size=len(VOCAB), feature_dim=6,
+                              decoder=DecoderSettings(cell="gru", embed_dim=8, hidden_dim=16, dropout=0.0),
+                              self_critical=SelfCriticalConfig(samples=3, max_length=6))
     module.vocabulary = VOCAB
     module._reward = build_reward("cider", [[["a", "dog"]], [["a", "cat"]], [["the", "ball"]]])
     batch = {"pooled": torch.randn(2, 6), "index": torch.tensor([2, 0]),
@@ -168,12 +250,27 @@ def test_module_trains_on_rewards_and_validates_as_usual():
     assert set(parts) == {"ce"}
 
 
+def test_a_non_finite_self_critical_loss_stops_training():
+    module = CaptioningModule(vocab_size=len(VOCAB), feature_dim=6,
+                              decoder=DecoderSettings(cell="gru", embed_dim=8, hidden_dim=16, dropout=0.0),
+                              self_critical=SelfCriticalConfig(samples=3, max_length=6))
+    module.vocabulary = VOCAB
+    module._reward = lambda hypotheses, images: torch.full((len(hypotheses),), float("nan"))
+    batch = {"pooled": torch.randn(2, 6), "index": torch.tensor([1, 0]),
+             "captions": torch.tensor([[1, 4, 5, 2]] * 2), "lengths": torch.tensor([4, 4])}
+    module.train()
+    with pytest.raises(TrainingError, match="non-finite training loss") as info:
+        module.training_step(batch, 0)
+    assert "\n" not in str(info.value)
+
+
 def _toy_module(xe_weight: float, reward_refs) -> CaptioningModule:
     torch.manual_seed(0)
-    module = CaptioningModule(vocab_size=len(VOCAB), feature_dim=6, cell="gru", attention=True, embed_dim=8,
-                              hidden_dim=16, attention_dim=8, dropout=0.0, alpha_c=0.0, self_critical=True,
-                              self_critical_samples=6, self_critical_max_length=8,
-                              self_critical_xe_weight=xe_weight)
+    module = CaptioningModule(
+        vocab_size=len(VOCAB), feature_dim=6,
+        decoder=DecoderSettings(cell="gru", attention=True, embed_dim=8, hidden_dim=16, attention_dim=8, dropout=0.0),
+        optimization=OptimizationConfig(alpha_c=0.0),
+        self_critical=SelfCriticalConfig(reward="bleu1+bleu4", samples=6, max_length=8, xe_weight=xe_weight))
     module.vocabulary = VOCAB
     module._reward = build_reward("bleu1+bleu4", reward_refs)
     return module
@@ -226,25 +323,3 @@ def test_cross_entropy_keeps_captions_apart_where_the_reward_would_merge_them(xe
     assert len(set(captions)) == distinct, captions
     if distinct == 2:
         assert captions == ["a dog runs", "the cat sleeps"]
-
-
-def test_mirrored_rows_are_scored_with_their_sides_swapped_back():
-    """A row holding an image's mirrored features has its sampled captions' "left"/"right"
-    swapped back before the reward compares them with the image's (unmirrored) references."""
-    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "left", "right", "dog"])
-    torch.manual_seed(0)
-    model = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=6, cell="gru", embed_dim=8,
-                                         hidden_dim=16, dropout=0.0))
-    seen: list[list[list[str]]] = []
-
-    def reward(hypotheses, images):
-        seen.append(hypotheses)
-        return torch.zeros(len(hypotheses))
-
-    mem = model.memory(None, torch.randn(2, 6))
-    for mirrored in (None, [False, True]):
-        torch.manual_seed(3)  # the same samples both times
-        self_critical_loss(model, mem, reward, [0, 1], vocab, samples=8, max_length=6, mirrored=mirrored)
-    plain, swapped = seen
-    assert swapped[:8] == plain[:8]  # the unmirrored image: as sampled
-    assert swapped[8:] == [mirror_words(h) for h in plain[8:]] != plain[8:]

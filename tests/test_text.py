@@ -43,3 +43,34 @@ def test_bad_ending_ids_are_the_listed_words_in_the_vocabulary():
     ids = vocab.bad_ending_ids()
     assert sorted(vocab.words[i] for i in ids) == ["a", "on", "the"]
     assert all(vocab.words[i] in BAD_ENDINGS for i in ids)
+
+
+def test_encode_without_markers_and_from_tokens():
+    vocab = Vocabulary.build(["a dog runs"], min_freq=1)
+    assert vocab.encode("a dog", add_start_end=False) == [vocab.words.index("a"), vocab.words.index("dog")]
+    assert vocab.encode(["dog", "flies"]) == [vocab.start_id, vocab.words.index("dog"), vocab.unk_id, vocab.end_id]
+    assert "dog" in vocab and "cat" not in vocab and len(vocab) == 7
+
+
+def test_decode_maps_ids_outside_the_vocabulary_to_unk():
+    vocab = Vocabulary.build(["a dog runs"], min_freq=1)
+    assert vocab.decode([4, 99, -1, 5]) == "a <unk> <unk> dog"
+
+
+def test_build_ties_are_alphabetical_and_specials_are_not_counted_twice():
+    vocab = Vocabulary.build([["zebra", "apple", "<unk>"], ["zebra", "apple", "<pad>"]], min_freq=1)
+    assert vocab.words == [*SPECIALS, "apple", "zebra"]
+
+
+def test_vocabulary_json_must_be_a_list_of_strings():
+    for bad in ('{"words": "abc"}', '{"words": [1, 2]}', '["<pad>"]', '{"other": []}'):
+        with pytest.raises(ValueError, match="vocabulary"):
+            Vocabulary.from_json(bad)
+
+
+def test_left_and_right_stay_themselves():
+    """Captions are never mirrored (training does not flip images): "left" and "right" are
+    ordinary words, encoded and decoded as written."""
+    vocab = Vocabulary.build(["a dog on the left", "a cat on the right"], min_freq=1)
+    ids = vocab.encode("the dog on the left and the cat on the right")
+    assert vocab.decode(ids) == "the dog on the left <unk> the cat on the right"

@@ -50,6 +50,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "int8" if device.type == "cpu" and int8_supported() else "float32"
     if precision == "int8" and device.type != "cpu":
         raise DeviceError(f"precision int8 runs on the CPU only, not on {device.type}")
+    if precision not in ("float32", "int8"):
+        raise DeviceError(f"precision must be auto, float32 or int8, got {precision!r}")
     if precision == "int8" and not int8_supported():
         raise DeviceError("precision int8: this torch build has no x86 int8 kernels (quantized engines: "
                           f"{', '.join(torch.backends.quantized.supported_engines)}); use float32")
@@ -105,15 +107,17 @@ class FastDecoder(nn.Module):
         self.decoder = decoder.eval().requires_grad_(False)
         self.config: DecoderConfig = decoder.config
         c, attention = decoder.config, decoder.attention
-        self.token_gates: Tensor | None = None      # [V, gates]: word half of the input products
-        self.context_weight: Tensor | None = None   # [gates, C]: context half (attention)
+        token_gates = context_weight = None
         if c.num_layers == 1:
             with torch.no_grad():
                 weight = decoder.rnn.weight_ih_l0
-                self.token_gates = nn.functional.linear(decoder.embedding.weight, weight[:, :c.embed_dim],
-                                                        decoder.rnn.bias_ih_l0)
+                token_gates = nn.functional.linear(decoder.embedding.weight, weight[:, :c.embed_dim],
+                                                   decoder.rnn.bias_ih_l0)
                 if attention is not None:
-                    self.context_weight = weight[:, c.embed_dim:].contiguous()
+                    context_weight = weight[:, c.embed_dim:].contiguous()
+        # [V, gates]: the word half of the input products; [gates, C]: the context half.
+        self.register_buffer("token_gates", token_gates, persistent=False)
+        self.register_buffer("context_weight", context_weight, persistent=False)
         self.output: nn.Module = decoder.output
         self.gate: nn.Module | None = attention.gate if attention is not None else None
         self.context_gates: nn.Module | None = None  # int8: the context's product outside the cell

@@ -262,7 +262,7 @@ class CaptioningModule(pl.LightningModule):
         total, parts = self.loss(batch)
         if not torch.isfinite(total):
             # A NaN feature or a diverged run: stop now rather than train on, and later export, NaN.
-            raise TrainingError(f"non-finite training loss ({float(total)}) at epoch {self.current_epoch}, "
+            raise TrainingError(f"non-finite training loss ({total.detach().item()}) at epoch {self.current_epoch}, "
                                 f"step {self.global_step}: check the features and lower model.optimization.lr")
         bs = batch["captions"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)

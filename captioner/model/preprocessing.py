@@ -26,6 +26,15 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 MAX_SIZE = 1024  # input side; a stored 30000 would cost gigabytes per image before any check
 
 
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How images must be prepared for an encoder; stored in caches and model files.
@@ -58,8 +67,7 @@ class Preprocessing:
             raise ValueError(f"preprocessing interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         for name in ("mean", "std"):
             values = getattr(self, name)
-            if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(map(_finite_number, values)):
                 raise ValueError(f"preprocessing {name} needs 3 finite numbers, got {values!r}")
             # Lists arrive from JSON; keep the frozen value hashable and comparable.
             object.__setattr__(self, name, tuple(float(v) for v in values))
