@@ -1,10 +1,9 @@
 """FeatureCache: round trip, read-only memmaps, resume, stale/truncated/corrupt detection,
 bad images, and the `captioner features` command, on a small real slice of Flickr8k.
 
-Most tests use a tiny random CNN (fast); one runs the real efficientnet-lite0."""
+Most tests use a tiny random CNN (fast); one runs the real efficientnet-lite0. Damaged and
+edited caches are test_cache_damage.py's."""
 from __future__ import annotations
-
-import dataclasses
 
 import json
 import shutil
@@ -15,16 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from captioner.data import features
-from captioner.data.features import (
-    FeatureCache,
-    ImageFeaturesError,
-    StaleCacheError,
-    cache_fingerprint,
-    ensure_cache,
-    extract_features,
-    pending_rows,
-)
+from captioner.data import extract as extraction
+from captioner.data import writer
+from captioner.data.cache import FeatureCache, cache_fingerprint
+from captioner.data.extract import ensure_cache, extract_features, pending_rows
+from captioner.errors import FeatureCacheError, ImageFeaturesError
 from captioner.model.encoders import Encoder, Preprocessing, build_encoder
 
 N_IMAGES = 16
@@ -147,7 +141,7 @@ class Killed(Exception):
 
 
 def test_resume_after_interruption_is_byte_identical(images, reference, tmp_path, monkeypatch):
-    real_write_index = features._write_index
+    real_write_index = writer.write_index
     calls = {"n": 0}
 
     def dies_on_third_batch(directory, index):
@@ -156,14 +150,14 @@ def test_resume_after_interruption_is_byte_identical(images, reference, tmp_path
             raise Killed
         real_write_index(directory, index)
 
-    monkeypatch.setattr(features, "_write_index", dies_on_third_batch)
+    monkeypatch.setattr(writer, "write_index", dies_on_third_batch)
     with pytest.raises(Killed):
         extract(images, tmp_path)
-    monkeypatch.setattr(features, "_write_index", real_write_index)
+    monkeypatch.setattr(writer, "write_index", real_write_index)
 
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["done"] == 8 and not index["complete"]
-    with pytest.raises(StaleCacheError, match="incomplete"):
+    with pytest.raises(FeatureCacheError, match="incomplete"):
         FeatureCache.open(tmp_path)
     assert pending_rows(tiny_encoder(), ids_of(images), tmp_path) == N_IMAGES - 8
 
@@ -178,9 +172,9 @@ def test_resume_after_interruption_is_byte_identical(images, reference, tmp_path
 def test_stale_fingerprint_is_refused_and_rebuilt(images, reference, tmp_path):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     other = tiny_encoder(seed=1)  # same architecture, different weights
-    with pytest.raises(StaleCacheError, match="stale"):
+    with pytest.raises(FeatureCacheError, match="stale"):
         FeatureCache.open(tmp_path, cache_fingerprint(other, ids_of(images)))
-    with pytest.raises(StaleCacheError, match="stale"):  # same weights, different image list
+    with pytest.raises(FeatureCacheError, match="stale"):  # same weights, different image list
         FeatureCache.open(tmp_path, cache_fingerprint(tiny_encoder(), ids_of(images)[::-1]))
 
     rebuilt = extract(images, tmp_path, encoder=other)
@@ -194,7 +188,7 @@ def test_truncated_grid_is_refused_and_rebuilt(images, reference, tmp_path):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     grid = tmp_path / "grid.f16"
     grid.write_bytes(grid.read_bytes()[:-100])
-    with pytest.raises(StaleCacheError, match="truncated"):
+    with pytest.raises(FeatureCacheError, match="truncated"):
         FeatureCache.open(tmp_path)
     assert pending_rows(tiny_encoder(), ids_of(images), tmp_path) == N_IMAGES
     extract(images, tmp_path)
@@ -211,7 +205,7 @@ def test_corrupt_index_is_refused_and_rebuilt(images, reference, tmp_path, damag
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     path = tmp_path / "index.json"
     path.write_bytes(damage(json.loads(path.read_text())))
-    with pytest.raises(StaleCacheError):
+    with pytest.raises(FeatureCacheError):
         FeatureCache.open(tmp_path)
     extract(images, tmp_path)
     assert file_bytes(tmp_path) == file_bytes(reference)
@@ -219,7 +213,7 @@ def test_corrupt_index_is_refused_and_rebuilt(images, reference, tmp_path, damag
 
 
 def test_missing_directory_is_not_a_cache(tmp_path):
-    with pytest.raises(StaleCacheError, match="not a feature cache"):
+    with pytest.raises(FeatureCacheError, match="not a feature cache"):
         FeatureCache.open(tmp_path / "nothing")
 
 
@@ -242,7 +236,7 @@ def test_bad_images_are_named_recorded_and_retried(images, tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert [f["row"] for f in index["failed"]] == [1, 4] and not index["complete"]
     assert index["done"] == 6
-    with pytest.raises(StaleCacheError, match="incomplete"):
+    with pytest.raises(FeatureCacheError, match="incomplete"):
         FeatureCache.open(out)
     assert not np.memmap(out / "grid.f16", "<f2", mode="r")[[1, 4]].any()  # zero rows
 
@@ -268,7 +262,7 @@ def test_inputs_are_checked(images, tmp_path):
 def test_ensure_cache_reuses_a_superset_cache(images, reference, tmp_path, monkeypatch):
     import captioner.model.encoders as encoders
 
-    monkeypatch.setattr(encoders, "build_encoder", lambda name, pretrained=True: tiny_encoder())
+    monkeypatch.setitem(encoders.ENCODERS, "tiny", lambda pretrained=True: tiny_encoder())
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     subset = images[::-3]  # fewer images, other order: rows are looked up by id
     cache = ensure_cache(tmp_path, "tiny", subset, ids_of(subset), workers=0, progress=False)
@@ -283,11 +277,11 @@ def test_ensure_cache_never_overwrites_a_cache_of_other_images(images, reference
     refused with a one-line reason, its bytes untouched."""
     import captioner.model.encoders as encoders
 
-    monkeypatch.setattr(encoders, "build_encoder", lambda name, pretrained=True: tiny_encoder())
+    monkeypatch.setitem(encoders.ENCODERS, "tiny", lambda pretrained=True: tiny_encoder())
     partial = tmp_path / "partial"
     extract(images[:4], partial)
     before = {f.name: f.read_bytes() for f in partial.iterdir()}
-    with pytest.raises(StaleCacheError, match=r"lacks 2 of the 6 images needed .*not overwriting it"):
+    with pytest.raises(FeatureCacheError, match=r"lacks 2 of the 6 images needed .*not overwriting it"):
         ensure_cache(partial, "tiny", images[:6], ids_of(images[:6]), workers=0, progress=False)
     assert {f.name: f.read_bytes() for f in partial.iterdir()} == before
 
@@ -296,43 +290,36 @@ def test_ensure_cache_never_overwrites_a_cache_of_other_images(images, reference
 
 
 @pytest.fixture
-def small_flickr8k(monkeypatch):
-    """`captioner features` over the first images of Flickr8k with the tiny encoder."""
-    import captioner.data.sources as sources
+def small_dataset(tmp_path, monkeypatch) -> Path:
+    """A folder dataset of 8 generated photos (2 train, 3 dev, 3 test), and the tiny
+    encoder registered as "tiny" for the command to build."""
     import captioner.model.encoders as encoders
+    from PIL import Image
 
-    real = sources.read_dataset
-    monkeypatch.setattr(sources, "read_dataset", lambda *a, **k: real(*a, **k)[:6])
-    monkeypatch.setattr(encoders, "build_encoder", lambda name, pretrained=True: tiny_encoder())
+    monkeypatch.setitem(encoders.ENCODERS, "tiny", lambda pretrained=True: tiny_encoder())
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, split in enumerate(["train", "train", "dev", "dev", "dev", "test", "test", "test"]):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(root / f"p{i}.png")
+        lines.append(json.dumps({"image": f"p{i}.png", "caption": f"photo {i}", "split": split}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
 
 
-def test_features_command(flickr8k_root, tmp_path, small_flickr8k, capsys):
+def test_features_command(small_dataset, tmp_path, capsys):
     from captioner.cli import main
 
-    argv = ["features", "--dataset", "flickr8k", "--data-root", str(flickr8k_root),
-            "--out", str(tmp_path), "--workers", "0", "--splits", "test,dev", "--device", "cpu"]
+    out = tmp_path / "cache"
+    argv = ["features", "--dataset", "folder", "--data-root", str(small_dataset), "--encoder", "tiny",
+            "--out", str(out), "--workers", "0", "--splits", "test,dev", "--device", "cpu"]
     assert main(argv) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("features: 6 images encoded in") and "images/s" in line
-    assert len(FeatureCache.open(tmp_path)) == 6
+    assert FeatureCache.open(out).image_ids == [f"p{i}.png" for i in range(2, 8)]
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith("features: 0 images encoded")
-
-
-def test_features_command_mirror_builds_the_mirrored_twin(flickr8k_root, tmp_path, small_flickr8k, capsys):
-    """`--mirror`: the same images flipped left-right, a cache of its own fingerprint whose
-    preprocessing says so (what data.mirror_cache checks)."""
-    from captioner.cli import main
-
-    argv = ["features", "--dataset", "flickr8k", "--data-root", str(flickr8k_root), "--workers", "0",
-            "--splits", "test", "--device", "cpu"]
-    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
-    assert main([*argv, "--out", str(tmp_path / "mirror"), "--mirror"]) == 0
-    capsys.readouterr()
-    plain, mirror = FeatureCache.open(tmp_path / "plain"), FeatureCache.open(tmp_path / "mirror")
-    assert mirror.image_ids == plain.image_ids and mirror.fingerprint != plain.fingerprint
-    assert mirror.preprocessing == dataclasses.replace(plain.preprocessing, mirror=True)
-    assert not torch.equal(mirror.get([0]).grid, plain.get([0]).grid)
 
 
 def test_features_command_offline_torchvision_error(flickr8k_root, tmp_path, monkeypatch, capsys):
@@ -347,12 +334,12 @@ def test_features_command_offline_torchvision_error(flickr8k_root, tmp_path, mon
     assert "resnet18-f37072fd.pth" in errors[0]
 
 
-def test_features_command_unwritable_out(flickr8k_root, tmp_path, small_flickr8k, capsys):
+def test_features_command_unwritable_out(small_dataset, tmp_path, capsys):
     from captioner.cli import main
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    code = main(["features", "--dataset", "flickr8k", "--data-root", str(flickr8k_root),
+    code = main(["features", "--dataset", "folder", "--data-root", str(small_dataset), "--encoder", "tiny",
                  "--out", str(blocker / "cache"), "--workers", "0"])
     assert code == 1
     assert f"captioner: error: {blocker / 'cache'}: cannot write the feature cache" in capsys.readouterr().err
@@ -360,13 +347,13 @@ def test_features_command_unwritable_out(flickr8k_root, tmp_path, small_flickr8k
 
 def test_thread_count_is_set_for_the_run_and_restored(images, reference, tmp_path, monkeypatch):
     seen = []
-    real_encode = features._encode
-    monkeypatch.setattr(features, "_encode", lambda *a: seen.append(torch.get_num_threads()) or real_encode(*a))
+    real_encode = writer.encode_batch
+    monkeypatch.setattr(writer, "encode_batch", lambda *a: seen.append(torch.get_num_threads()) or real_encode(*a))
     before = torch.get_num_threads()
     extract(images, tmp_path, threads=1)
     assert set(seen) == {1} and torch.get_num_threads() == before
     assert file_bytes(tmp_path) == file_bytes(reference)  # thread count does not change bytes
-    assert features.default_threads(workers=10**6) == 1
+    assert extraction.default_threads(workers=10**6) == 1
 
 
 def test_a_second_writer_waits_for_the_first(images, reference, tmp_path, caplog):
@@ -375,7 +362,7 @@ def test_a_second_writer_waits_for_the_first(images, reference, tmp_path, caplog
 
     done = threading.Event()
     worker = threading.Thread(target=lambda: (extract(images, tmp_path), done.set()))
-    with features._writer_lock(tmp_path):  # "another process" holds the cache
+    with extraction._writer_lock(tmp_path):  # "another process" holds the cache
         worker.start()
         assert not done.wait(timeout=1.0)
         assert "another process is writing it" in caplog.text

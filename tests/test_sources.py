@@ -392,7 +392,8 @@ def test_folder_csv(tmp_path):
     ('{"image": "x.jpg", "captions": ["a", 3]}', ":2: captions must be strings"),
     ('{"caption": "no image"}', ":2: expected a string under 'image'"),
     ('{"image": "x.jpg", "caption": "x", "split": "nope"}', ":2: unknown split 'nope'"),
-    ('{"image": "x.jpg", "caption": "x", "split": "test"}', ":2: x.jpg is in split 'test'"),
+    ('{"image": "x.jpg", "caption": "x", "split": "test"}\n{"image": "x.jpg", "caption": "y", "split": "val"}',
+     ":3: x.jpg is in split 'dev' here but in split 'test' on line 2 (one image in two splits)"),
     ('{"image": "x.jpg", "caption": ', ":2: invalid JSON"),
     ('["x.jpg", "caption"]', ":2: expected a string under 'image'"),
 ])

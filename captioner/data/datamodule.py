@@ -1,7 +1,9 @@
 """LightningDataModule: records -> vocabulary -> batches, in two modes.
 
 `features` (default): batches carry the frozen encoder's cached Features, read from the
-memory-mapped FeatureCache a batch at a time (a COCO-sized cache never has to fit in RAM).
+FeatureCache a batch at a time (a COCO-sized cache never has to fit in RAM) and checked as
+they are read, so a damaged row stops training with its name instead of poisoning the
+weights; setting up again repairs a cache this module built (`extract.ensure_cache`).
 `images`: batches carry preprocessed pixels (with augmentation for training), for
 fine-tuning the encoder.
 
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import random
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -24,8 +26,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from captioner.data.sources import DatasetError, Record, read_dataset
+from captioner.data.sources import Record, read_dataset
+from captioner.errors import DatasetError
 from captioner.text import Vocabulary, tokenize
+
+if TYPE_CHECKING:
+    from captioner.data.cache import FeatureCache
 
 
 def pad_captions(captions: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -116,7 +122,6 @@ class CaptionDataModule(pl.LightningDataModule):
         data_root: str = "../shared/datasets/flickr8k",
         mode: str = "features",
         feature_cache: str | None = "cache/flickr8k-lite0",
-        mirror_cache: str | None = None,
         encoder: str = "efficientnet-lite0",
         load_grid: bool = True,
         train_split: str = "train",
@@ -134,12 +139,7 @@ class CaptionDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         """Reads the dataset and builds the vocabulary now, so LightningCLI can link
-        `vocab_size` and `feature_dim` into the model before anything is trained.
-
-        `mirror_cache`: a cache of the same images flipped left-right (`captioner features
-        --mirror`); each training caption then reads its image's mirrored features with
-        probability 1/2, with "left" and "right" swapped in the caption (batch["mirrored"]
-        marks those rows for rewards). Validation reads `feature_cache` alone."""
+        `vocab_size` and `feature_dim` into the model before anything is trained."""
         super().__init__()
         if mode not in ("features", "images"):
             raise ValueError(f"data.mode must be features | images, got {mode!r}")
@@ -147,8 +147,6 @@ class CaptionDataModule(pl.LightningDataModule):
             raise ValueError(f"captions_per_epoch must be all | one, got {captions_per_epoch!r}")
         if mode == "features" and not feature_cache:
             raise ValueError("data.mode=features needs data.feature_cache (a directory)")
-        if mirror_cache and mode != "features":
-            raise ValueError("data.mirror_cache needs data.mode=features (it is a second feature cache)")
         self.save_hyperparameters()
         records = read_dataset(dataset, data_root, splits=[train_split, val_split], skip_missing=skip_missing)
         self.train_records = [r for r in records if r.split == train_split][:train_limit]
@@ -159,8 +157,6 @@ class CaptionDataModule(pl.LightningDataModule):
         self.vocabulary = Vocabulary.build((c for r in self.train_records for c in r.captions), min_word_freq)
         self.val_references = [list(r.captions) for r in self.val_records]
         self._cache = None
-        self._mirror = None
-        self._mirror_rng = torch.Generator().manual_seed(seed)  # reseeded per epoch by train_dataloader
         self._preprocessing = None
 
     @functools.cached_property
@@ -193,45 +189,23 @@ class CaptionDataModule(pl.LightningDataModule):
             self._cache = self._open_or_build_cache()
             self._train_rows = np.array([self._cache.index_of(r.image_id) for r in self.train_records])
             self._val_rows = np.array([self._cache.index_of(r.image_id) for r in self.val_records])
-            if hp.mirror_cache:
-                self._mirror = self._open_mirror_cache()
-                self._mirror_train_rows = np.array([self._mirror.index_of(r.image_id) for r in self.train_records])
-                self._mirror_ids = torch.tensor(self.vocabulary.mirror_ids())
         else:
             from captioner.model.encoders import encoder_preprocessing
             self._preprocessing = encoder_preprocessing(hp.encoder)
         self.train_set = CaptionPairs(self._encode(self.train_records), hp.captions_per_epoch)
         self.val_set = ImageIndex(len(self.val_records))
 
-    def _open_or_build_cache(self):
-        """Use the cache when it matches (encoder, preprocessing, image list); else build it."""
-        from captioner.data.features import ensure_cache
+    def _open_or_build_cache(self) -> FeatureCache:
+        """Use the cache when it matches (encoder fingerprint, image list); else build it."""
+        from captioner.data.extract import ensure_cache
         records = {r.image_id: r.path for r in self.train_records + self.val_records}  # val may be train
         return ensure_cache(self.hparams.feature_cache, self.hparams.encoder,
                             list(records.values()), list(records),
                             workers=self.hparams.num_workers)
 
-    def _open_mirror_cache(self):
-        """The mirrored twin of the feature cache: same encoder and preprocessing but for the
-        flip, holding every training image; anything else is a StaleCacheError naming it."""
-        import dataclasses
-
-        from captioner.data.features import FeatureCache, StaleCacheError
-        path = self.hparams.mirror_cache
-        mirror = FeatureCache.open(path)
-        expected = dataclasses.replace(self._cache.preprocessing, mirror=True)
-        if mirror.encoder != self._cache.encoder or mirror.preprocessing != expected:
-            raise StaleCacheError(f"{path}: not the mirrored twin of {self.hparams.feature_cache} (encoder "
-                                  f"{mirror.encoder}, preprocessing {mirror.preprocessing.to_dict()}); "
-                                  "build it with `captioner features --mirror`")
-        missing = [r.image_id for r in self.train_records if r.image_id not in mirror]
-        if missing:
-            raise StaleCacheError(f"{path}: lacks {len(missing)} training images (e.g. {missing[0]})")
-        return mirror
-
     # ---- batches ---------------------------------------------------------------------------
-    def _features(self, rows: np.ndarray, cache=None) -> dict[str, Tensor]:
-        feats = (self._cache if cache is None else cache).get(rows, grid=self.hparams.load_grid)
+    def _features(self, rows: np.ndarray) -> dict[str, Tensor]:
+        feats = self._cache.get(rows, grid=self.hparams.load_grid)
         batch = {"pooled": feats.pooled}
         if self.hparams.load_grid:
             batch["grid"] = feats.grid
@@ -246,28 +220,11 @@ class CaptionDataModule(pl.LightningDataModule):
     def _collate_train(self, items: list[tuple[int, list[int]]]) -> dict[str, Tensor]:
         positions = [i for i, _ in items]
         captions, lengths = pad_captions([c for _, c in items])
-        if self._mirror is not None:
-            batch = self._mirror_half(captions, positions)
-        elif self.hparams.mode == "features":
+        if self.hparams.mode == "features":
             batch = self._features(self._train_rows[positions])
         else:
             batch = self._images([self.train_records[i] for i in positions], train=True)
         batch.update(captions=captions, lengths=lengths, index=torch.tensor(positions, dtype=torch.long))
-        return batch
-
-    def _mirror_half(self, captions: Tensor, positions: list[int]) -> dict[str, Tensor]:
-        """Features of a training batch where a random half of the rows (about) read their
-        image's mirrored features, each row from the one cache it uses; those rows' captions
-        get their sides swapped in place, and batch["mirrored"] says which rows they are."""
-        flip = torch.rand(len(positions), generator=self._mirror_rng) < 0.5
-        images, flipped = np.asarray(positions), flip.numpy()
-        plain = self._features(self._train_rows[images[~flipped]])
-        mirrored = self._features(self._mirror_train_rows[images[flipped]], self._mirror)
-        # plain rows first, then mirrored: put each back at its position in the batch
-        where = torch.cat([(~flip).nonzero().view(-1), flip.nonzero().view(-1)]).argsort()
-        batch = {key: torch.cat([plain[key], mirrored[key]])[where] for key in plain}
-        captions[flip] = self._mirror_ids[captions[flip]]
-        batch["mirrored"] = flip
         return batch
 
     def _collate_val(self, positions: list[int]) -> dict[str, Tensor]:
@@ -281,7 +238,6 @@ class CaptionDataModule(pl.LightningDataModule):
         sampler = LengthBucketSampler([self.train_set.caption_length(k) for k in range(len(self.train_set))],
                                       self.hparams.batch_size, seed=self.hparams.seed)
         sampler.set_epoch(epoch)
-        self._mirror_rng.manual_seed(self.hparams.seed * 1_000_003 + epoch)
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=self._collate_train, num_workers=self.hparams.num_workers)
 
