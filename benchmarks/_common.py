@@ -56,13 +56,14 @@ def check_cache(directory: str | Path, image_ids: Sequence[str], encoder: str | 
     an existing one must be a complete cache holding all `image_ids` (returns True), else
     the benchmark stops here without touching it.
     """
-    from captioner.data.features import FeatureCache, StaleCacheError
+    from captioner.data.cache import FeatureCache
+    from captioner.errors import FeatureCacheError
     directory = Path(directory)
     if not directory.exists():
         return False
     try:
         cache = FeatureCache.open(directory)
-    except StaleCacheError as exc:
+    except FeatureCacheError as exc:
         raise SystemExit(f"benchmarks: {exc}; not touching it (pass --features with a new directory "
                          "to build a cache for this run)") from None
     missing = [i for i in image_ids if i not in cache]
@@ -70,9 +71,8 @@ def check_cache(directory: str | Path, image_ids: Sequence[str], encoder: str | 
         raise SystemExit(f"benchmarks: {directory} lacks {len(missing)} of the images needed (e.g. "
                          f"{missing[0]}); not touching it (pass --features with a new directory)")
     if encoder is not None:  # ensure_cache also rebuilds for other encoder weights
-        from captioner.data.features import encoder_fingerprint
         from captioner.model.encoders import build_encoder
-        if cache.encoder != encoder or cache.index["encoder_fingerprint"] != encoder_fingerprint(build_encoder(encoder)):
+        if not cache.matches(build_encoder(encoder)):
             raise SystemExit(f"benchmarks: {directory} was built with other encoder weights than {encoder}'s; "
                              "not touching it (pass --features with a new directory)")
     return True
@@ -114,6 +114,10 @@ def add_threads_option(parser) -> None:
 
 
 def apply_threads(args) -> None:
+    """The process set-up every captioner entry point makes (glibc malloc tuning,
+    captioner/allocator.py), then --threads."""
+    from captioner.allocator import keep_freed_memory
+    keep_freed_memory()
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)

@@ -31,20 +31,19 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (interleaved); median reported")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default=None, choices=("auto", "float32", "int8"), help="default: the model's")
     add_threads_option(p)
     return p.parse_args(argv)
 
 
 def open_cache(directory: Path, records, encoder_name: str):
     """The cache at `directory`; built for `records` only if the directory does not exist."""
-    from captioner.data.features import FeatureCache, ensure_cache
-    if not check_cache(directory, [r.image_id for r in records]):
+    from captioner.data.cache import FeatureCache
+    from captioner.data.extract import ensure_cache
+    if not check_cache(directory, [r.image_id for r in records], encoder_name):
         return ensure_cache(directory, encoder_name, [r.path for r in records], [r.image_id for r in records],
                             workers=0, progress=False), True
-    cache = FeatureCache.open(directory)
-    if cache.encoder != encoder_name:
-        raise SystemExit(f"bench: {directory} holds {cache.encoder} features; the model uses {encoder_name}")
-    return cache, False
+    return FeatureCache.open(directory), False
 
 
 def main(argv=None) -> dict:
@@ -58,31 +57,29 @@ def main(argv=None) -> dict:
     encoder_name = load_model(model).encoder["name"]
     cache, built = open_cache(Path(args.features), records, encoder_name)  # before the slow part
     captioner = Captioner.load(model, device=args.device)
-    attention = captioner.decoder.config.attention
-    feats = cache.get([cache.index_of(r.image_id) for r in records], grid=attention)
-    grid, pooled = feats.grid, feats.pooled
+    from captioner.model.encoders import Features
+    feats = cache.get([cache.index_of(r.image_id) for r in records], grid=captioner.has_attention)
     n, k = len(records), args.beam_size
-    search = dict(beam_size=k, max_length=args.max_length)
+    config = captioner.settings(beam_size=k, max_length=args.max_length, precision=args.precision)
 
     def sliced(start, stop):
-        return (None if grid is None else grid[start:stop]), pooled[start:stop]
+        return Features(None if feats.grid is None else feats.grid[start:stop], feats.pooled[start:stop])
 
     outputs = {}
 
     def batched():
-        outputs["batched"] = [captioner.decode_features(*sliced(i, i + args.batch_size), **search)
-                              for i in range(0, n, args.batch_size)]
+        outputs["batched"] = [r for i in range(0, n, args.batch_size)
+                              for r in captioner.decode_features(sliced(i, i + args.batch_size), config)]
 
     def one_by_one():
-        outputs["single"] = [captioner.decode_features(*sliced(i, i + 1), **search) for i in range(n)]
+        outputs["single"] = [r for i in range(n) for r in captioner.decode_features(sliced(i, i + 1), config)]
 
     seconds = interleaved({"batched": batched, "one_at_a_time": one_by_one}, args.repeats, args.warmup)
 
-    decode = captioner.vocabulary.decode
-    batched_caps = [decode(t.tolist()) for out in outputs["batched"] for t in out.tokens[:, 0]]
-    single_caps = [decode(out.tokens[0, 0].tolist()) for out in outputs["single"]]
-    batched_lp = [float(x) for out in outputs["batched"] for x in out.log_probs[:, 0]]
-    single_lp = [float(out.log_probs[0, 0]) for out in outputs["single"]]
+    batched_caps = [r.caption for r in outputs["batched"]]
+    single_caps = [r.caption for r in outputs["single"]]
+    batched_lp = [r.log_prob for r in outputs["batched"]]
+    single_lp = [r.log_prob for r in outputs["single"]]
     mismatches = [i for i, (a, b) in enumerate(zip(batched_caps, single_caps)) if a != b]
 
     t_batched = summary(seconds["batched"])["median_s"]
@@ -92,8 +89,8 @@ def main(argv=None) -> dict:
         "benchmark": "batched_beam",
         "machine": machine(str(captioner.device)),
         "model": str(model),
-        "decoder": captioner.decoder.config.to_dict(),
-        "precision": captioner.precision,
+        "decoders": len(captioner.model.members),
+        "decoding": config.to_dict(),
         "sizes": {"images": n, "batch_size": args.batch_size, "beam_size": k, "max_length": args.max_length,
                   "repeats": args.repeats, "warmup": args.warmup, "features": str(args.features),
                   "cache_built_for_this_run": built, "dataset": "flickr8k test (first N)"},

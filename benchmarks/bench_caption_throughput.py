@@ -13,8 +13,8 @@ medians taken at different moments absorbs as noise; the paired one mostly cance
 
 Also reported, to show where the time goes: the search alone on precomputed encoder
 features (per beam), and decode+preprocess alone (the thread pool, no network). When the
-captioner runs int8 decoder products (`--precision auto` on an x86 CPU), the float32 decoder
-runs in the same rounds at the beams of `--float32-beams`, so the two compare in one run.
+decoding runs int8 decoder products (precision auto on an x86 CPU), the float32 decoder runs
+in the same rounds at the beams of `--float32-beams`, so the two compare in one run.
 
     python benchmarks/bench_caption_throughput.py [--model FILE] [--images 256] [--batch-size 32]
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_threads_option, apply_threads, emit, flickr8k_records, interleaved, machine, model_path, summary  # noqa: E402
 
-TARGET_BEAM3_RATIO = 0.75
+TARGET_BEAM3_RATIO = 0.85
 
 
 def parse(argv):
@@ -42,7 +42,7 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (interleaved); median reported")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "int8"))  # quantize.PRECISIONS; parsed before torch loads
+    p.add_argument("--precision", default=None, choices=("auto", "float32", "int8"), help="default: the model's")
     p.add_argument("--float32-beams", default="3",
                    help="comma list: also time the float32 decoder at these beams when --precision gives int8")
     add_threads_option(p)
@@ -54,49 +54,45 @@ def main(argv=None) -> dict:
     apply_threads(args)
     import torch
 
-    from captioner.api import Captioner
-    from captioner.model.search import SearchResult
+    from captioner.api import CaptionResult, Captioner
+    from captioner.model.inference import resolve_precision
 
     model = model_path(args.model)
     paths = [r.path for r in flickr8k_records("test", args.images)]
     beams = [int(b) for b in args.beams.split(",")]
-    captioner = Captioner.load(model, device=args.device, precision=args.precision)
-    float32_beams = [int(b) for b in args.float32_beams.split(",") if b.strip()] if captioner.precision != "float32" else []
-    float32 = Captioner.load(model, device=args.device, precision="float32") if float32_beams else None
+    captioner = Captioner.load(model, device=args.device)
+    base = captioner.settings(max_length=args.max_length, precision=args.precision)
+    precision = resolve_precision(base.precision, captioner.device)
+    float32_beams = [int(b) for b in args.float32_beams.split(",") if b.strip()] if precision != "float32" else []
 
-    def empty_search(grid, pooled, **_):  # what the baseline does instead of searching
-        b = pooled.shape[0]
-        zeros = torch.zeros(b, 1)
-        return SearchResult(torch.zeros(b, 1, 1, dtype=torch.long), zeros, zeros, zeros.long())
+    def empty_search(features, decoding=None, **_):  # what the baseline does instead of searching
+        return [CaptionResult(image="") for _ in range(features.pooled.shape[0])]
 
     encoder_only = copy.copy(captioner)
     encoder_only.decode_features = empty_search  # instance attribute shadows the method
 
-    def run(c, **search):
+    def run(c, config):
         def go():
-            results = c.caption(paths, batch_size=args.batch_size, **search)
-            bad = [r for r in results if not r.ok]
+            results = c.caption(paths, config, batch_size=args.batch_size)
+            bad = [r for r in results if r.error]
             if bad:
                 raise SystemExit(f"bench: {bad[0].image}: {bad[0].error}")
             return results
         return go
 
-    cases = {"encoder_only": run(encoder_only, beam_size=1)}
-    cases.update({f"beam{b}": run(captioner, beam_size=b, max_length=args.max_length) for b in beams})
-    cases.update({f"beam{b}_float32": run(float32, beam_size=b, max_length=args.max_length) for b in float32_beams})
+    cases = {"encoder_only": run(encoder_only, base.replace(beam_size=1))}
+    cases.update({f"beam{b}": run(captioner, base.replace(beam_size=b)) for b in beams})
+    cases.update({f"beam{b}_float32": run(captioner, base.replace(beam_size=b, precision="float32"))
+                  for b in float32_beams})
     seconds = interleaved(cases, args.repeats, args.warmup)
 
     # Decomposition: the search alone on precomputed features, and load+preprocess alone.
-    with torch.inference_mode():
-        batches = []
-        for i in range(0, len(paths), args.batch_size):
-            pixels = torch.stack([captioner.preprocess(p) for p in paths[i:i + args.batch_size]])
-            feats = captioner.encoder(pixels.to(captioner.device))
-            batches.append((feats.grid, feats.pooled))
+    batches = [captioner.encode(torch.stack([captioner.preprocess(p) for p in paths[i:i + args.batch_size]]))
+               for i in range(0, len(paths), args.batch_size)]
 
-    def search_only(b, c=captioner):
-        return lambda: [c.decode_features(g, p, beam_size=b, max_length=args.max_length)
-                        for g, p in batches]
+    def search_only(b, precision_override=None):
+        config = base.replace(beam_size=b, precision=precision_override)
+        return lambda: [captioner.decode_features(f, config) for f in batches]
 
     def preprocess_only():
         from concurrent.futures import ThreadPoolExecutor
@@ -105,7 +101,7 @@ def main(argv=None) -> dict:
             list(pool.map(captioner.preprocess, paths))
 
     parts = {f"search_only_beam{b}": search_only(b) for b in beams}
-    parts.update({f"search_only_beam{b}_float32": search_only(b, float32) for b in float32_beams})
+    parts.update({f"search_only_beam{b}_float32": search_only(b, "float32") for b in float32_beams})
     parts["load_and_preprocess_only"] = preprocess_only
     part_seconds = interleaved(parts, args.repeats, args.warmup)
 
@@ -120,8 +116,9 @@ def main(argv=None) -> dict:
         "benchmark": "caption_throughput",
         "machine": machine(str(captioner.device)),
         "model": str(model),
-        "decoder": captioner.decoder.config.to_dict(),
-        "precision": captioner.precision,
+        "decoders": len(captioner.model.members),
+        "decoding": base.to_dict(),
+        "precision": precision,
         "sizes": {"images": n, "batch_size": args.batch_size, "beams": beams, "max_length": args.max_length,
                   "repeats": args.repeats, "warmup": args.warmup, "dataset": "flickr8k test (first N)",
                   "float32_beams": float32_beams},

@@ -4,7 +4,7 @@
 * `train`: a short training run on Flickr8k cached features (real DataModule, Trainer);
 * `cache`: random batches read from a synthetic COCO-sized FeatureCache (123,287 images x
   49 x 1280 float16, about 15.5 GB) through `FeatureCache.get`, the DataModule's read path.
-  The files are sparse (created by truncate, laid out as features.py documents), so they
+  The files are sparse (created by truncate, laid out as captioner/data/cache.py documents), so they
   take no disk space; they are deleted afterwards. Peak RSS must stay far below the cache
   size: the cache is memory-mapped and only the rows asked for are read.
 
@@ -40,7 +40,8 @@ def parse(argv):
     p.add_argument("--caption-images", type=int, default=64)
     p.add_argument("--caption-batch-size", type=int, default=32)
     p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--config", default=str(REPO / "configs" / "flickr8k-lstm.yaml"))
+    p.add_argument("--config", default=f"{REPO / 'configs' / 'base.yaml'},{REPO / 'configs' / 'lstm.yaml'}",
+                   help="comma list of composed training configs")
     p.add_argument("--features", default=str(DEFAULT_CACHE), help="Flickr8k FeatureCache for `train`")
     p.add_argument("--train-steps", type=int, default=200)
     p.add_argument("--train-images", type=int, default=None, help="first N train images; default all")
@@ -85,42 +86,57 @@ def child_train(args) -> dict:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
-    config = yaml.safe_load(Path(args.config).read_text())
-    model_kw = {**(config.get("model") or {}), "lr_schedule": "none"}  # no validation to step on
+    from captioner.model.module import DecoderSettings, OptimizationConfig
+    config: dict = {}
+    for path in args.config.split(","):  # composed as `captioner train --config A --config B`
+        delta = yaml.safe_load(Path(path).read_text()) or {}
+        for section, values in delta.items():
+            if isinstance(values, dict) and isinstance(config.get(section), dict):
+                config[section] = {**config[section], **{k: ({**config[section].get(k, {}), **v}
+                                   if isinstance(v, dict) and isinstance(config[section].get(k), dict) else v)
+                                   for k, v in values.items()}}
+            else:
+                config[section] = values
+    model_cfg = config.get("model") or {}
+    decoder = DecoderSettings(**(model_cfg.get("decoder") or {}))
+    optimization = OptimizationConfig(**{**(model_cfg.get("optimization") or {}), "lr_schedule": "none"})
     data_kw = {**(config.get("data") or {}), "data_root": str(flickr8k_root()), "dataset": "flickr8k",
                "feature_cache": args.features, "train_limit": args.train_images, "val_limit": 1,
-               "load_grid": bool(model_kw.get("attention", False)), "num_workers": 0}
+               "load_grid": decoder.attention, "num_workers": 0}
     pl.seed_everything(0, verbose=False)
     data = CaptionDataModule(**data_kw)
     check_cache(args.features, [r.image_id for r in data.train_records + data.val_records],  # never rebuild it
                 data.hparams.encoder)
-    module = CaptioningModule(vocab_size=data.vocab_size, feature_dim=data.feature_dim,
-                              encoder=data.hparams.encoder, mode=data.hparams.mode, **model_kw)
+    module = CaptioningModule(vocab_size=data.vocab_size, feature_dim=data.feature_dim, decoder=decoder,
+                              optimization=optimization, encoder=data.hparams.encoder, mode=data.hparams.mode)
     with tempfile.TemporaryDirectory(prefix="bench-memory-train-") as root:
         trainer = pl.Trainer(max_steps=args.train_steps, accelerator="cpu", devices=1, logger=False,
                              enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
         trainer.fit(module, data)
     return {"steps": int(trainer.global_step), "train_images": len(data.train_records),
-            "batch_size": data.hparams.batch_size, "attention": bool(model_kw.get("attention", False)),
+            "batch_size": data.hparams.batch_size, "attention": decoder.attention,
             "config": args.config}
 
 
 def make_sparse_cache(directory: Path, n: int, length: int = 49, dim: int = 1280) -> int:
     """A complete-looking FeatureCache of n images with sparse (all-zero) data files, in the
-    layout features.py documents; returns the size of the data files in bytes."""
-    from captioner.data import features as F
+    layout captioner/data/cache.py documents (checksums of all-zero rows, fingerprints
+    recomputed as the cache does); returns the size of the data files in bytes."""
+    from captioner.data import cache as F
     from captioner.model.encoders import encoder_preprocessing
 
     directory.mkdir(parents=True)
     ids = [f"COCO_{i:012d}.jpg" for i in range(n)]
+    zero_grid, zero_pooled = F.np.zeros((length, dim), F.DTYPE), F.np.zeros(dim, F.DTYPE)
     index = {
-        "format_version": F.FORMAT_VERSION, "fingerprint": "synthetic-" + "0" * 54,
-        "encoder_fingerprint": "synthetic", "encoder": "efficientnet-lite0",
+        "format_version": F.FORMAT_VERSION, "encoder": "efficientnet-lite0", "weights": "synthetic",
         "preprocessing": encoder_preprocessing("efficientnet-lite0").to_dict(), "image_ids": ids,
         "grid_shape": [n, length, dim], "pooled_shape": [n, dim], "dtype": F.DTYPE.str,
         "done": n, "failed": [], "complete": True,
+        "checksums": [F.row_checksums(i, zero_grid, zero_pooled) for i in ids],
     }
+    index["encoder_fingerprint"], index["fingerprint"] = F.index_fingerprints(index)
     size = 0
     for name, shape in ((F.GRID_FILE, index["grid_shape"]), (F.POOLED_FILE, index["pooled_shape"])):
         nbytes = int(F.np.prod(shape)) * F.DTYPE.itemsize
@@ -134,7 +150,7 @@ def make_sparse_cache(directory: Path, n: int, length: int = 49, dim: int = 1280
 def child_cache(args) -> dict:
     import numpy as np
 
-    from captioner.data.features import FeatureCache
+    from captioner.data.cache import FeatureCache
     directory = Path(tempfile.mkdtemp(prefix="captioner-bench-memory-", dir=args.scratch))
     try:
         start = time.perf_counter()

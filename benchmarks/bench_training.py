@@ -8,7 +8,7 @@ Reported per mode: seconds for the epoch, steps, and how that time splits betwee
 for the batch (data loading/collation, in the main process with num_workers=0) and the
 training step itself (forward, backward, optimizer).
 
-    python benchmarks/bench_training.py [--config configs/flickr8k-lstm.yaml] [--train-images 256]
+    python benchmarks/bench_training.py [--config configs/base.yaml,configs/lstm.yaml] [--train-images 256]
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ TARGET_RATIO = 10.0
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(REPO / "configs" / "flickr8k-lstm.yaml"),
-                   help="training config whose model: and data: sections are used")
+    p.add_argument("--config", default=f"{REPO / 'configs' / 'base.yaml'},{REPO / 'configs' / 'lstm.yaml'}",
+                   help="comma list of composed training configs whose model: and data: sections are used")
     p.add_argument("--features", default=str(DEFAULT_CACHE),
                    help="FeatureCache directory (built for the subset if it does not exist)")
     p.add_argument("--train-images", type=int, default=256, help="first N Flickr8k train images")
@@ -73,14 +73,16 @@ def run_epoch(mode: str, config: dict, args, root_dir: str) -> dict:
     from captioner.data.datamodule import CaptionDataModule
     from captioner.model.module import CaptioningModule
 
-    model_kw = dict(config.get("model") or {})
+    from captioner.model.module import DecoderSettings, OptimizationConfig
+    model_cfg = config.get("model") or {}
+    decoder = DecoderSettings(**(model_cfg.get("decoder") or {}))
     # No validation runs, so a schedule that waits on val/bleu4 cannot step; the schedule
     # does not change the cost of an epoch.
-    model_kw["lr_schedule"] = "none"
+    optimization = OptimizationConfig(**{**(model_cfg.get("optimization") or {}), "lr_schedule": "none"})
     data_kw = dict(config.get("data") or {})
     data_kw.update(data_root=str(flickr8k_root()), dataset="flickr8k", mode=mode, feature_cache=args.features,
                    train_limit=args.train_images, val_limit=1, captions_per_epoch=args.captions,
-                   num_workers=args.workers, load_grid=bool(model_kw.get("attention", False)))
+                   num_workers=args.workers, load_grid=decoder.attention)
     if args.batch_size:
         data_kw["batch_size"] = args.batch_size
     pl.seed_everything(0, verbose=False)
@@ -90,7 +92,7 @@ def run_epoch(mode: str, config: dict, args, root_dir: str) -> dict:
         check_cache(args.features, [r.image_id for r in data.train_records + data.val_records],
                     data.hparams.encoder)
     module = CaptioningModule(vocab_size=data.vocab_size, feature_dim=data.feature_dim, mode=mode,
-                              encoder=data.hparams.encoder, **model_kw)
+                              encoder=data.hparams.encoder, decoder=decoder, optimization=optimization)
     timer = _callback()
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
@@ -106,19 +108,34 @@ def run_epoch(mode: str, config: dict, args, root_dir: str) -> dict:
             "setup_and_teardown_s": round(total - timer.epoch_s, 3)}
 
 
+def compose(paths: str) -> dict:
+    """Configs merged as `captioner train --config A --config B` merges them (nested dicts)."""
+    import yaml
+
+    def merge(base: dict, delta: dict) -> dict:
+        out = dict(base)
+        for key, value in delta.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    config: dict = {}
+    for path in paths.split(","):
+        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return config
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     apply_threads(args)
     import logging
     import warnings
 
-    import yaml
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = compose(args.config)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     with tempfile.TemporaryDirectory(prefix="bench-training-") as root_dir:
         epochs = {mode: run_epoch(mode, config, args, root_dir) for mode in modes}
@@ -130,7 +147,7 @@ def main(argv=None) -> dict:
         "benchmark": "training",
         "machine": machine("cpu"),
         "config": str(args.config),
-        "decoder": {k: v for k, v in (config.get("model") or {}).items()},
+        "decoder": (config.get("model") or {}).get("decoder"),
         "sizes": {"train_images": args.train_images, "captions_per_epoch": args.captions,
                   "batch_size": batch_size, "workers": args.workers, "features": str(args.features),
                   "lr_schedule": "none (no validation in this benchmark)",

@@ -96,6 +96,13 @@ def _add_decoding(p: argparse.ArgumentParser, sampling: bool = True) -> None:
 
 
 def _add_caption(sub: argparse._SubParsersAction) -> None:
+    def shard(text: str) -> tuple[int, int]:
+        index, slash, count = text.strip().partition("/")
+        if not (slash and index.isascii() and index.isdigit() and count.isascii() and count.isdigit()
+                and len(index) < 10 and len(count) < 10 and int(index) < int(count)):
+            raise argparse.ArgumentTypeError(f"must be I/N with integers 0 <= I < N (e.g. 0/4), got {text!r}")
+        return int(index), int(count)
+
     p = sub.add_parser("caption", help="caption image files, directories or globs")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, directories or globs")
     p.add_argument("--model", help="model file (.safetensors); default: the shipped model")
@@ -104,6 +111,21 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
     p.add_argument("--attention-maps", metavar="DIR")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--workers", type=bounded_int(1, 64, "workers"),
+                   help="threads decoding images one batch ahead of the network (default: up to 4)")
+    g = p.add_argument_group("large collections (docs/scaling.md)")
+    g.add_argument("--output", "-o", metavar="FILE",
+                   help="append one record per image to FILE (.jsonl or .csv) as it goes; a rerun resumes")
+    g.add_argument("--errors", metavar="FILE", help="also write each failed image as a JSON line to FILE")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+    g.add_argument("--shard", type=shard, metavar="I/N",
+                   help="only shard I of N (0-based), picked by a stable hash of each path")
+    g.add_argument("--devices", type=bounded_int(1, 1024, "devices"),
+                   help="run N processes through Lightning (DDP): GPUs, or CPU processes")
+    g.add_argument("--num-nodes", type=bounded_int(1, 10_000, "nodes"), help="machines, with --devices")
+    g.add_argument("--accelerator", choices=("cpu", "gpu", "auto"),
+                   help="with --devices; default: from --device")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -227,10 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(argv)
     except UsageError as exc:
-        error_line(str(exc))
+        error_line(_one_message(exc))
         return 2
     except CaptionerError as exc:
-        error_line(str(exc))
+        error_line(_one_message(exc))
         return 1
     except KeyboardInterrupt:
         error_line("interrupted")
@@ -245,6 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             error_line(f"stdout: cannot write the results ({exc.strerror or exc})")
             return 1
         raise
+
+
+def _one_message(exc: BaseException) -> str:
+    """The error's own line, also when a DataLoader worker re-raised it with the worker's
+    traceback in the message ("Caught X in DataLoader worker process 0. Original Traceback")."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(("captioner.errors.", type(exc).__name__)) else last
+    return text
 
 
 def _is_stdout_error(exc: OSError) -> bool:

@@ -64,7 +64,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def tiny_cache(flickr8k_root, tmp_path_factory) -> Path:
     """Features of the first 3 train, 1 dev and 3 test images (what the scripts below use)."""
-    from captioner.data.features import extract_features
+    from captioner.data.extract import extract_features
     from captioner.data.sources import read_dataset
     from captioner.model.encoders import build_encoder
 
