@@ -1,10 +1,11 @@
 """The web demo's HTTP API, in-process on a free loopback port, with the tiny real-format model:
 good and bad uploads, the size limit (checked before the body is read), routing errors, and a
-concurrent load test whose every answer must equal the single-threaded one."""
+concurrent load test whose every answer must equal the single-threaded one. The helpers here
+are shared by the other tests/test_demo_*.py files."""
 from __future__ import annotations
 
+import functools
 import http.client
-import importlib.util
 import json
 import socket
 import statistics
@@ -23,26 +24,27 @@ PHOTOS = sorted((REPO / "demo" / "images").glob("*.jpg"))
 LIMIT = 200_000  # bytes; every demo photo is under it
 
 
-def load_demo_app():
-    """demo/app.py is a script, not a package module: import it by path (once)."""
-    if "captioner_demo_app" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("captioner_demo_app", REPO / "demo" / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["captioner_demo_app"]
+if str(REPO) not in sys.path:  # demo/ is a package beside captioner/, not an installed one
+    sys.path.insert(0, str(REPO))
+
+from demo import http_server
+
+
+@functools.cache
+def load_captioner(path: Path) -> Captioner:
+    """One tiny model per test run, shared by the demo test files (loading costs seconds)."""
+    return Captioner.load(path, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def captioner(tiny_model_file) -> Captioner:
-    return Captioner.load(tiny_model_file, device="cpu")
+    return load_captioner(tiny_model_file)
 
 
 @pytest.fixture(scope="module")
 def server(captioner):
-    app = load_demo_app()
-    srv = app.make_server(captioner, "127.0.0.1", 0, max_upload_bytes=LIMIT, quiet=True)
-    with app.serving(srv):
+    srv = http_server.make_server(captioner, "127.0.0.1", 0, max_upload_bytes=LIMIT, quiet=True)
+    with http_server.serving(srv):
         yield srv
 
 
@@ -56,6 +58,9 @@ def call(server, method: str, path: str, body: bytes | None = None,
         response = conn.getresponse()
         raw = response.read()
         content_type = response.getheader("Content-Type", "")
+        if method == "HEAD":
+            assert raw == b""
+            return response.status, response.headers, {}
         payload = json.loads(raw) if content_type.startswith("application/json") else {"_text": raw.decode()}
         return response.status, response.headers, payload
     finally:
@@ -89,6 +94,33 @@ def raw_exchange(server, request: bytes, timeout: float = 10) -> tuple[int, dict
         return response.status, json.loads(response.read())
 
 
+def all_answers(server, request: bytes, timeout: float = 10, half_close: bool = False) -> bytes:
+    """Every byte the server sends back for `request` until it closes the connection."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def parse_answers(data: bytes) -> list[tuple[int, dict]]:
+    """Split raw response bytes into (status, JSON body) pairs; fails on anything malformed."""
+    answers = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        assert sep, f"incomplete response head: {data[:200]!r}"
+        lines = head.decode("latin-1").split("\r\n")
+        version, status, _ = lines[0].split(" ", 2)
+        assert version == "HTTP/1.1", lines[0]
+        fields = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(fields["Content-Length"])
+        body, data = rest[:length], rest[length:]
+        assert len(body) == length, "truncated response body"
+        assert fields["Content-Type"] == "application/json"
+        answers.append((int(status), json.loads(body)))
+    return answers
+
+
 # ------------------------------------------------------------------------------------- pages
 
 
@@ -101,8 +133,15 @@ def test_page_and_health(server):
         assert call(server, "GET", asset)[0] == 200
     status, _, health = call(server, "GET", "/healthz")
     assert status == 200
-    assert health == {"status": "ok", "model": health["model"], "attention": True, "device": "cpu",
-                      "max_upload_bytes": LIMIT, "beam_size": 3, "length_penalty": 0.0}  # no tuned decoding
+    assert {k: health[k] for k in ("status", "attention", "device", "max_upload_bytes", "beam_size", "n_best",
+                                   "max_beam_size")} == {
+        "status": "ok", "attention": True, "device": "cpu", "max_upload_bytes": LIMIT, "beam_size": 3,
+        "n_best": 1, "max_beam_size": 10}  # the tiny model stores no tuned decoding
+    assert health["model"].endswith(".safetensors")
+    assert health["limits"]["max_upload_bytes"] == LIMIT and health["limits"]["max_parts"] == 16
+    assert health["load"]["uploads_in_flight"] == 0 and health["load"]["decode_bytes_in_use"] == 0
+    status, headers, _ = call(server, "HEAD", "/healthz")
+    assert status == 200 and int(headers["Content-Length"]) > 0
 
 
 # ----------------------------------------------------------------------------- good uploads
@@ -161,10 +200,20 @@ def test_empty_body_and_missing_form_field_are_400(server):
     assert status == 400 and "'image'" in answer["error"]
 
 
-@pytest.mark.parametrize("query", ["?beam_size=0", "?beam_size=11", "?beam_size=x", "?beam_size=2&n_best=3"])
-def test_bad_parameters_are_400(server, query):
+@pytest.mark.parametrize("query, message", [
+    ("?beam_size=0", "decoding beam_size must be between 1 and 10 in this demo, got 0"),
+    ("?beam_size=11", "decoding beam_size must be between 1 and 10 in this demo, got 11"),
+    ("?beam_size=x", "decoding beam_size must be an integer, got 'x'"),
+    ("?beam_size=%EF%BC%95", "decoding beam_size must be an integer"),  # a full-width digit
+    ("?beam_size=-1", "decoding beam_size must be an integer, got '-1'"),
+    ("?beam_size=2&n_best=3", "n_best 3 needs beam_size >= 3 (beam_size is 2)"),  # DecodingConfig's own line
+    ("?n_best=5", "n_best 5 needs beam_size >= 5 (beam_size is 3)"),
+    ("?beam=3", "unknown query parameter 'beam' (accepted: beam_size, n_best)"),
+    ("?beam_size=2&beam_size=3", "beam_size given more than once"),
+])
+def test_bad_parameters_are_400(server, query, message):
     status, answer = caption(server, PHOTOS[0].read_bytes(), query)
-    assert status == 400 and "must be an integer" in answer["error"]
+    assert status == 400 and message in answer["error"]
 
 
 def test_over_limit_upload_is_413(server):
@@ -195,6 +244,8 @@ def test_chunked_upload_is_411(server):
     status, answer = raw_exchange(server, b"POST /api/caption HTTP/1.1\r\nHost: x\r\n"
                                           b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert status == 411 and "Content-Length" in answer["error"]
+    status, answer = raw_exchange(server, b"POST /api/caption HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 411 and "Content-Length" in answer["error"]
 
 
 # ------------------------------------------------------------------------------- routing
@@ -214,11 +265,9 @@ def test_wrong_method_or_path(server, method, path, status):
 
 def test_malformed_requests_get_json_errors(server):
     assert raw_exchange(server, b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 501
-    # A request line with no version gets http.server's HTTP/0.9-style answer: the body alone.
-    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
-        sock.sendall(b"GARBAGE\r\n\r\n")
-        answer = b"".join(iter(lambda: sock.recv(65536), b""))
-    assert "Bad request" in json.loads(answer)["error"]
+    # A request line with no version (HTTP/0.9 style) gets a complete HTTP/1.1 400, then a close.
+    [(status, answer)] = parse_answers(all_answers(server, b"GARBAGE\r\n\r\n"))
+    assert status == 400 and "malformed request line" in answer["error"]
 
 
 def test_a_bug_is_500_without_traceback(server, monkeypatch):
@@ -234,7 +283,7 @@ def test_a_bug_is_500_without_traceback(server, monkeypatch):
 
 
 def test_concurrent_load_every_answer_right(server, record_property):
-    """8 client threads, 240 requests over the 4 demo photos (beam 2): every request is
+    """8 client threads, 48 requests over the 4 demo photos (beam 2): every request is
     answered 200 with exactly the single-threaded answer for its photo."""
     query = "?beam_size=2&n_best=2"
     photos = [p.read_bytes() for p in PHOTOS]
@@ -249,7 +298,7 @@ def test_concurrent_load_every_answer_right(server, record_property):
         status, answer = caption(server, photos[i % len(photos)], query)
         return status, without_timings(answer) == expected[i % len(photos)], time.perf_counter() - started
 
-    n_requests, n_threads = 240, 8
+    n_requests, n_threads = 48, 8
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=n_threads) as pool:
         results = list(pool.map(one, range(n_requests), timeout=120))

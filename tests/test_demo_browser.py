@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
+from test_demo import LIMIT, REPO, http_server
 
 from captioner import Captioner
-
-from test_demo import LIMIT, REPO, load_demo_app
+from demo import screenshot
 
 pytestmark = pytest.mark.browser
 PHOTO = REPO / "demo" / "images" / "chelsea.jpg"
@@ -21,31 +21,22 @@ PHOTO = REPO / "demo" / "images" / "chelsea.jpg"
 
 def require_browser() -> None:
     """Skip (fail under CI) unless Debian's chromium and the playwright package are here."""
-    app = load_demo_app()
-    missing = None
-    if not Path(app.CHROMIUM).is_file():
-        missing = f"{app.CHROMIUM} not found (apt-get install chromium)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            missing = "the playwright package is not installed (pip install -e '.[dev]')"
+    missing = screenshot.browser_missing()
     if missing:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"browser test cannot run under CI: {missing}")
-        pytest.skip(missing)
+            pytest.fail(f"browser test cannot run under CI: needs {missing}")
+        pytest.skip(f"needs {missing}")
 
 
 @pytest.fixture(scope="module")
 def site(tiny_model_file):
     """(demo URL, browser page factory) around one server and one Chromium for the module."""
     require_browser()
-    app = load_demo_app()
     captioner = Captioner.load(tiny_model_file, device="cpu")
-    server = app.make_server(captioner, "127.0.0.1", 0, max_upload_bytes=LIMIT, quiet=True)
-    with app.serving(server) as url, app.chromium_page() as page:
+    server = http_server.make_server(captioner, "127.0.0.1", 0, max_upload_bytes=LIMIT, quiet=True)
+    with http_server.serving(server) as url, screenshot.chromium_page() as page:
         page.set_default_timeout(60_000)
-        yield app, url, page, captioner
+        yield screenshot, url, page, captioner
 
 
 def upload(page, url: str, path: Path) -> None:
@@ -81,7 +72,7 @@ def test_upload_shows_caption_alternatives_timings_and_attention(site):
 
 
 def test_non_image_shows_the_reason(site, tmp_path):
-    app, url, page, _ = site
+    _, url, page, _ = site
     fake = tmp_path / "holiday.jpg"
     fake.write_text("this is a text file with a .jpg name\n")
     upload(page, url, fake)
@@ -89,7 +80,7 @@ def test_non_image_shows_the_reason(site, tmp_path):
 
 
 def test_over_size_upload_shows_the_limit(site, tmp_path):
-    app, url, page, _ = site
+    _, url, page, _ = site
     big = tmp_path / "big.jpg"
     big.write_bytes(PHOTO.read_bytes() + b"\0" * LIMIT)
     upload(page, url, big)
@@ -99,7 +90,7 @@ def test_over_size_upload_shows_the_limit(site, tmp_path):
 def test_server_side_413_reaches_the_page(site, tmp_path):
     """With the page's own size check switched off, the server's 413 (its wording names the
     limit in bytes) still reaches the page instead of a reset connection."""
-    app, url, page, _ = site
+    _, url, page, _ = site
     big = tmp_path / "big.jpg"
     big.write_bytes(PHOTO.read_bytes() + b"\0" * LIMIT)
     page.goto(url)
