@@ -4,8 +4,8 @@ directory and that fresh cache; nothing else changed) until the config's early s
 it. Reported: feature-extraction time, time from the start of training to the best dev
 BLEU-4 checkpoint (the model the run exports), the total, and the 30-minute budget.
 
-The "baseline" here is the budget itself (issue 6: the whole recipe in under 30 minutes on
-a 2-core CPU); the ratio is recipe time / budget. Takes about 7 minutes here: run it on a
+The "baseline" here is the budget itself (the quick recipe in under 30 minutes on a 2-core
+CPU); the ratio is recipe time / budget. Takes about 7 minutes here: run it on a
 quiet machine, nothing else training.
 
     python benchmarks/bench_recipe.py [--config configs/base.yaml,configs/gru.yaml] [--workdir DIR]

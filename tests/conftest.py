@@ -15,7 +15,7 @@ def data_root() -> Path:
     return Path(os.environ.get("CAPTIONER_DATA", REPO.parent / "shared" / "datasets"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def flickr8k_root() -> Path:
     root = data_root() / "flickr8k"
     if not (root / "Flickr8k.token.txt").is_file() or not (root / "images").is_dir():
@@ -49,7 +49,7 @@ def make_tiny_model_file(path: Path, attention: bool = True, seed: int = 0, laye
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_model_file(tmp_path_factory) -> Path:
     return make_tiny_model_file(tmp_path_factory.mktemp("models") / "tiny-attention.safetensors")
 

@@ -75,10 +75,10 @@ def test_demo_photos_get_different_sensible_captions(shipped):
 
 def test_beam_finds_more_probable_captions_than_greedy(shipped, test_features):
     """Beam search may prune the greedy path (search.py says why it no longer also runs
-    greedy), but it must find more probable captions. On these 48 images: the cross-entropy
-    default of sessions 4-7 was better on 25, worse on 8, +1.0 nats on average; the
+    greedy), but it must find more probable captions. On these 48 images the cross-entropy
+    defaults (0.3.0-0.4.0) were better on 25, worse on 8, +1.0 nats on average; the
     self-critical pairs, whose word distributions are peakier so greedy is already closer to
-    the best, 23 / 1 / +0.51 (GRU-256, session 8) and 19 / 0 / +0.39 (GRU-512, session 13)."""
+    the best, 23 / 1 / +0.51 (GRU-256 pair, 0.8.0) and 19 / 0 / +0.39 (GRU-512 pair, 0.9.0)."""
     with torch.inference_mode():
         g = greedy(shipped.decoder, test_features, 30)
         b = beam_search(shipped.decoder, test_features, beam_size=3, max_length=30)
