@@ -10,7 +10,7 @@ teacher forcing) and logs corpus BLEU-1..4 over every dev image exactly once, al
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,87 +20,15 @@ from torch.nn import functional as F
 
 from captioner.errors import ModelFileError, TrainingError
 from captioner.metrics import bleu_scores, diversity_scores
-from captioner.model.decoder import CaptionDecoder, DecoderConfig, Memory
+from captioner.model.decoder import CaptionDecoder, Memory
 from captioner.model.search import greedy
-from captioner.model.self_critical import Reward, build_reward, parse_reward, self_critical_loss
+from captioner.model.self_critical import Reward, build_reward, self_critical_loss
+from captioner.model.settings import (DecoderSettings, DistillConfig, FinetuneConfig, OptimizationConfig,
+                                      SelfCriticalConfig)
 from captioner.text import Vocabulary
 
-LR_SCHEDULES = ("plateau", "cosine", "none")
-
-
-@dataclass
-class DecoderSettings:
-    """The decoder's architecture; its vocabulary size and feature width come from the data."""
-
-    cell: str = "lstm"
-    attention: bool = False
-    embed_dim: int = 512
-    hidden_dim: int = 512
-    attention_dim: int = 512
-    num_layers: int = 1
-    dropout: float = 0.5
-
-    def config(self, vocab_size: int, feature_dim: int) -> DecoderConfig:
-        return DecoderConfig(vocab_size=vocab_size, feature_dim=feature_dim, **asdict(self))
-
-
-@dataclass
-class OptimizationConfig:
-    """Adam, its schedule, and the cross-entropy loss's terms.
-
-    lr_schedule: plateau (halve on a dev BLEU-4 plateau), cosine (per step, with linear
-    warm-up) or none. alpha_c weighs attention's doubly stochastic regularizer (every grid
-    cell gets about one unit of attention over the caption)."""
-
-    lr: float = 4e-4
-    weight_decay: float = 0.0
-    lr_schedule: str = "plateau"
-    lr_patience: int = 1
-    lr_factor: float = 0.5
-    warmup_steps: int = 0
-    label_smoothing: float = 0.0
-    alpha_c: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-
-
-@dataclass
-class FinetuneConfig:
-    """Encoder fine-tuning (`captioner.model.finetune.EncoderFinetuning`): the last `blocks`
-    blocks open at epoch `unfreeze_at_epoch` with learning rate `lr`; `train_mode: false`
-    keeps their BatchNorm statistics fixed while their weights learn."""
-
-    blocks: int = 3
-    lr: float = 1e-4
-    unfreeze_at_epoch: int = 0
-    train_mode: bool = True
-
-
-@dataclass
-class SelfCriticalConfig:
-    """Self-critical sequence training (`captioner.model.self_critical`).
-
-    reward: cider (CIDEr-D), bleu1..bleu4, or a sum such as cider+bleu1+bleu4; samples:
-    captions drawn per image (the baseline is the mean of the others); max_length: words per
-    sample; xe_weight w > 0 adds w x the cross-entropy of the batch's reference caption (the
-    mixed objective of Paulus et al. 2018: the references keep the wording varied while the
-    reward sharpens it). Needs data.captions_per_epoch: one."""
-
-    reward: str = "cider"
-    samples: int = 5
-    max_length: int = 20
-    xe_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        parse_reward(self.reward)  # fails early on an unknown term
-        if self.samples < 2:
-            raise ValueError(f"self_critical.samples must be >= 2 (the baseline is the other samples), got {self.samples}")
-        if self.xe_weight < 0:
-            raise ValueError(f"self_critical.xe_weight must be >= 0, got {self.xe_weight}")
+__all__ = ["CaptioningModule", "DecoderSettings", "DistillConfig", "FinetuneConfig", "OptimizationConfig",
+           "SelfCriticalConfig"]
 
 
 def _as(kind: type, value: Any) -> Any:
@@ -118,6 +46,7 @@ class CaptioningModule(pl.LightningModule):
         self_critical: SelfCriticalConfig | None = None,
         init_decoder: str | None = None,
         finetune: FinetuneConfig | None = None,
+        distill: DistillConfig | None = None,
         max_decode_length: int = 30,
         mode: str = "features",
         encoder: str = "efficientnet-lite0",
@@ -132,6 +61,7 @@ class CaptioningModule(pl.LightningModule):
         super().__init__()
         decoder, optimization = _as(DecoderSettings, decoder), _as(OptimizationConfig, optimization)
         self_critical, finetune = _as(SelfCriticalConfig, self_critical), _as(FinetuneConfig, finetune)
+        distill = _as(DistillConfig, distill)
         # Checkpoints keep the settings as plain dicts: the weights-only unpickler that reads
         # them back refuses any class.
         self.save_hyperparameters({"vocab_size": vocab_size, "feature_dim": feature_dim, "decoder": asdict(decoder),
@@ -139,6 +69,7 @@ class CaptioningModule(pl.LightningModule):
                                    "self_critical": None if self_critical is None else asdict(self_critical),
                                    "init_decoder": init_decoder,
                                    "finetune": None if finetune is None else asdict(finetune),
+                                   "distill": None if distill is None else asdict(distill),
                                    "max_decode_length": max_decode_length, "mode": mode, "encoder": encoder})
         if vocab_size < 5 or feature_dim < 1:
             raise TrainingError("vocab_size and feature_dim must come from the data (link data.vocab_size / "
@@ -150,6 +81,8 @@ class CaptioningModule(pl.LightningModule):
         self.settings = optimization
         self.self_critical = self_critical
         self.finetune = finetune
+        self.distill = distill
+        self._teacher: list = []  # the distillation teacher, outside the module tree (never saved)
         self.decoder = CaptionDecoder(decoder.config(vocab_size, feature_dim))
         self.encoder = None
         if mode == "images":  # frozen until EncoderFinetuning opens its tail
@@ -181,6 +114,23 @@ class CaptioningModule(pl.LightningModule):
             self._reward = build_reward(self.self_critical.reward, datamodule.train_references)
         if stage == "fit" and self.hparams.init_decoder:
             self._load_initial_decoder(self.hparams.init_decoder)
+        if stage == "fit" and self.distill is not None:
+            self._load_teacher(self.distill.teacher)
+
+    def _load_teacher(self, path: str) -> None:
+        """The distillation teacher's decoders (frozen), which must share the vocabulary."""
+        from captioner.modelfile import load_model
+        teacher = load_model(path)
+        if self.vocabulary is not None and list(teacher.vocabulary.words) != list(self.vocabulary.words):
+            raise ModelFileError(f"{path}: the teacher's vocabulary differs from the one built from this run's data")
+        if teacher.encoder.get("name") != self.hparams.encoder or teacher.encoder.get("finetuned"):
+            raise ModelFileError(f"{path}: the teacher reads other features ({teacher.encoder.get('name')})")
+        decoder = teacher.build_decoder().requires_grad_(False)
+        self._teacher = [getattr(decoder, "members", [decoder])]
+
+    def on_fit_start(self) -> None:
+        for member in self._teacher[0] if self._teacher else []:
+            member.to(self.device)
 
     def _load_initial_decoder(self, path: str) -> None:
         """Start from a trained decoder (see __init__); refuses one that would not fit."""
@@ -241,16 +191,37 @@ class CaptioningModule(pl.LightningModule):
 
     def cross_entropy_loss(self, batch: dict[str, Tensor],
                            memory: Memory | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Teacher-forced cross-entropy of the batch's captions (+ the attention regularizer)."""
+        """Teacher-forced cross-entropy of the batch's captions (+ the attention regularizer,
+        + the distillation term when training from a teacher)."""
         memory = self.memory(batch) if memory is None else memory
         logits, targets, alphas = self.decoder(memory, batch["captions"], batch["lengths"])
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.settings.label_smoothing)
         parts, total = {"ce": ce}, ce
+        if self.distill is not None and self.training:
+            kl = self._distillation(batch, logits)
+            parts["distill_kl"] = kl
+            total = (1.0 - self.distill.weight) * ce + self.distill.weight * kl
         if alphas is not None and self.settings.alpha_c > 0:
             ds = ((1.0 - alphas.sum(dim=1)) ** 2).mean()  # doubly stochastic: ~1 attention per cell
             parts["attention_reg"] = ds
             total = total + self.settings.alpha_c * ds
         return total, parts
+
+    def _distillation(self, batch: dict[str, Tensor], logits: Tensor) -> Tensor:
+        """KL(teacher || student) per real target position, averaged: logits [N,V]."""
+        with torch.no_grad():
+            grid, pooled = batch.get("grid"), batch["pooled"].float()
+            grid = None if grid is None else grid.float()
+            if grid is None and any(m.config.attention for m in self._teacher[0]):
+                raise TrainingError("the distillation teacher attends: set data.load_grid: true")
+            probs = None
+            for member in self._teacher[0]:
+                member_logits, _, _ = member(member.memory(grid, pooled), batch["captions"], batch["lengths"])
+                p = torch.softmax(member_logits.float(), dim=-1)
+                probs = p if probs is None else probs.add_(p)
+            probs = probs.div_(len(self._teacher[0]))
+        log_student = torch.log_softmax(logits.float(), dim=-1)
+        return F.kl_div(log_student, probs, reduction="batchmean")
 
     def on_train_epoch_start(self) -> None:
         # Lightning restores submodules' modes after validation; Encoder.train() puts exactly
