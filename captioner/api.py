@@ -29,10 +29,31 @@ from captioner.model.search import SearchResult, decode
 from captioner.modelfile import ModelFile, load_model
 from captioner.text import Vocabulary
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default.safetensors"
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = ASSETS / "default.safetensors"
 ImageInput = Union[str, os.PathLike, Image.Image]
 
-__all__ = ["Alternative", "CaptionResult", "Captioner", "DEFAULT_MODEL", "resolve_device"]
+__all__ = ["Alternative", "CaptionResult", "Captioner", "DEFAULT_MODEL", "model_path", "resolve_device",
+           "shipped_models"]
+
+
+def shipped_models() -> dict[str, Path]:
+    """The model files that ship inside the package, by name ("default" among them)."""
+    return {p.stem: p for p in sorted(ASSETS.glob("*.safetensors"))}
+
+
+def model_path(model: str | os.PathLike | None = None) -> Path:
+    """A model file's path: the given file, else a shipped model of that name, else (None)
+    the default model. A name that is neither is left for `load_model` to refuse."""
+    if model is None:
+        if not DEFAULT_MODEL.is_file():
+            raise ModelFileError(f"{DEFAULT_MODEL}: this install ships no default model; train one "
+                                 "(docs/training.md) and pass it with --model")
+        return DEFAULT_MODEL
+    path = Path(model)
+    if not os.path.lexists(path) and str(model) in shipped_models():
+        return shipped_models()[str(model)]
+    return path
 
 
 def _finite(value: float) -> float | None:
@@ -110,12 +131,9 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto") -> Captioner:
-        """Load a model file; `path=None` loads the default model shipped in the package."""
-        if path is None:
-            if not DEFAULT_MODEL.is_file():
-                raise ModelFileError(f"{DEFAULT_MODEL}: this install ships no default model; train one "
-                                     "(docs/training.md) and pass it with --model")
-            path = DEFAULT_MODEL
+        """Load a model file, or a model shipped in the package by name (`shipped_models()`);
+        `path=None` loads the default model."""
+        path = model_path(path)
         return cls(load_model(path), device, source=str(path))
 
     @property

@@ -105,7 +105,7 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("caption", help="caption image files, directories or globs")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, directories or globs")
-    p.add_argument("--model", help="model file (.safetensors); default: the shipped model")
+    p.add_argument("--model", help="model file (.safetensors) or shipped model name; default: the default model")
     _add_decoding(p)
     p.add_argument("--batch-size", type=bounded_int(1, 1024), default=16)
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
@@ -130,7 +130,7 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="BLEU-1..4 (and CIDEr-D, ROUGE-L) of a model on a dataset split")
-    p.add_argument("--model")
+    p.add_argument("--model", help="model file or shipped model name; default: the default model")
     p.add_argument("--dataset", required=True, type=_dataset_name, help="flickr8k | flickr8k-kaggle | karpathy | coco | folder")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="test", type=_split_name)
@@ -172,8 +172,9 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="name, release, scores and default decoding of a model file")
-    p.add_argument("model", nargs="?", help="model file; default: the shipped model")
+    p.add_argument("model", nargs="?", help="model file or shipped model name; default: the default model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--list", action="store_true", help="list the models shipped in the package")
 
 
 def _add_recipe(sub: argparse._SubParsersAction) -> None:

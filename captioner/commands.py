@@ -41,7 +41,12 @@ def load_captioner(model: str | None, device: str, overrides: dict[str, Any]):
 
 def caption(args: argparse.Namespace) -> int:
     """Caption every image found; print `NAME<TAB>caption` (names escaped, `formats.py`) or
-    one JSON object per image."""
+    one JSON object per image. With --output (or another option of large runs), the
+    resumable bulk form (`bulk_command.py`)."""
+    bulk_only = ("output", "devices", "shard", "errors", "num_nodes", "accelerator")
+    if any(getattr(args, name, None) is not None for name in bulk_only) or getattr(args, "progress", None):
+        from captioner.bulk_command import caption_to_file
+        return caption_to_file(args, decoding_overrides(args))
     from captioner.formats import escape_name, json_line
     maps = None
     if args.attention_maps is not None:
@@ -56,7 +61,7 @@ def caption(args: argparse.Namespace) -> int:
     images = _found_images(args.paths, problems)
     failed = 0
     for result in captioner.iter_captions(images, config, batch_size=args.batch_size,
-                                          return_attention=maps is not None):
+                                          return_attention=maps is not None, workers=getattr(args, "workers", None)):
         name = escape_name(result.image)
         if not result.ok:
             failed += 1
@@ -149,10 +154,15 @@ def ensemble(args: argparse.Namespace) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
-    from captioner.api import DEFAULT_MODEL
+    from captioner.api import model_path, shipped_models
     from captioner.formats import json_line
     from captioner.modelfile import load_model
-    path = args.model or str(DEFAULT_MODEL)
+    if args.list:
+        for name, path in shipped_models().items():
+            model = load_model(path)
+            print(f"{name}\t{model.name or '(unnamed)'}\t{model.version or ''}")
+        return 0
+    path = str(model_path(args.model))
     model = load_model(path)
     summary = {"model": path, "name": model.name, "version": model.version, "encoder": model.encoder["name"],
                "decoders": [c.to_dict() for c, _ in model.members], "vocabulary": len(model.vocabulary),
