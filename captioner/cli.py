@@ -170,6 +170,14 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="the ensemble's name, recorded in the file")
 
 
+def _add_average(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("average", help="average decoders' weights into one decoder (a model soup)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="single-decoder model files of one architecture")
+    p.add_argument("--weights", help="comma list, one per model (default: equal); normalised to sum 1")
+    p.add_argument("--output", "-o", required=True, help="the averaged model file to write")
+    p.add_argument("--name", help="its name, recorded in the file")
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="name, release, scores and default decoding of a model file")
     p.add_argument("model", nargs="?", help="model file or shipped model name; default: the default model")
@@ -201,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_features(sub)
     _add_export(sub)
     _add_ensemble(sub)
+    _add_average(sub)
     _add_info(sub)
     return parser
 

@@ -153,6 +153,25 @@ def ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def average(args: argparse.Namespace) -> int:
+    from captioner.errors import UsageError
+    from captioner.modelfile import average_models, load_model, save_model
+    from captioner.outputs import check_output
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise UsageError(f"--weights must be a comma list of numbers, got {args.weights!r}") from None
+    check_output(args.output, "averaged model file", inputs=args.models)
+    averaged = average_models([load_model(path) for path in args.models], weights, names=list(args.models))
+    averaged.name = args.name or ""
+    save_model(args.output, averaged)
+    print(f"{PROG}: wrote {args.output} (weights {', '.join(f'{w:.3f}' for w in averaged.training['weights'])})",
+          file=sys.stderr)
+    return 0
+
+
 def info(args: argparse.Namespace) -> int:
     from captioner.api import model_path, shipped_models
     from captioner.formats import json_line

@@ -17,6 +17,7 @@ NaN and infinity. Any problem is one `ModelFileError` line naming the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -74,22 +75,13 @@ class ModelFile:
         return (decoders[0] if len(decoders) == 1 else EnsembleDecoder(decoders)).eval()
 
 
-def combine_models(models: list[ModelFile], scores: dict[str, Any] | None = None,
-                   names: list[str] | None = None) -> ModelFile:
-    """One ensemble model from several model files (ensembles among them are flattened).
-
-    They must agree on everything but the decoders: encoder name, preprocessing and frozen
-    weights (fine-tuned encoders differ per model and cannot be shared), and the vocabulary,
-    word for word (the members' distributions are averaged per word id). `names` (e.g. the
-    file paths) are used in error messages.
-    """
-    if len(models) < 2:
-        raise ModelFileError("an ensemble needs at least two model files")
-    names = names or [f"model {i + 1}" for i in range(len(models))]
+def _check_compatible(models: list[ModelFile], names: list[str], what: str) -> None:
+    """Models that can be combined: the same frozen encoder (fine-tuned encoders differ per
+    model and cannot be shared) and the same vocabulary, word for word."""
     first = models[0]
     for name, other in zip(names, models):
         if other.encoder_state is not None:
-            raise ModelFileError(f"{name}: its encoder was fine-tuned; ensemble members must share the frozen encoder")
+            raise ModelFileError(f"{name}: its encoder was fine-tuned; {what} members must share the frozen encoder")
     for name, other in zip(names[1:], models[1:]):
         if other.encoder != first.encoder:
             raise ModelFileError(f"{name}: encoder {other.encoder['name']} or its preprocessing differs "
@@ -97,12 +89,50 @@ def combine_models(models: list[ModelFile], scores: dict[str, Any] | None = None
         if other.vocabulary.words != first.vocabulary.words:
             raise ModelFileError(f"{name}: its vocabulary differs from {names[0]}'s (train the members on "
                                  "the same data with the same min_word_freq)")
+
+
+def combine_models(models: list[ModelFile], scores: dict[str, Any] | None = None,
+                   names: list[str] | None = None) -> ModelFile:
+    """One ensemble model from several model files (ensembles among them are flattened): at
+    every step the members' word distributions are averaged. `names` (e.g. the file paths)
+    are used in error messages."""
+    if len(models) < 2:
+        raise ModelFileError("an ensemble needs at least two model files")
+    names = names or [f"model {i + 1}" for i in range(len(models))]
+    _check_compatible(models, names, "ensemble")
     members = [member for model in models for member in model.members]
     if len(members) > MAX_MEMBERS:
         raise ModelFileError(f"an ensemble may have at most {MAX_MEMBERS} decoders, got {len(members)}")
     training = {"ensemble_of": [model.training for model in models]}
-    return ModelFile(members[0][1], members[0][0], first.vocabulary, first.encoder, None, training,
-                     scores or {}, ensemble=members[1:], decoding=first.decoding)
+    return ModelFile(members[0][1], members[0][0], models[0].vocabulary, models[0].encoder, None, training,
+                     scores or {}, ensemble=members[1:], decoding=models[0].decoding)
+
+
+def average_models(models: list[ModelFile], weights: list[float] | None = None,
+                   names: list[str] | None = None) -> ModelFile:
+    """One decoder whose weights are the weighted mean of several decoders' (a model soup,
+    Wortsman et al. 2022): decoders fine-tuned from one model (e.g. with different
+    self-critical rewards) average into one that captions about as well as their ensemble,
+    at the cost of one. They must share the decoder config, encoder and vocabulary."""
+    if len(models) < 2:
+        raise ModelFileError("averaging needs at least two model files")
+    names = names or [f"model {i + 1}" for i in range(len(models))]
+    weights = [1.0 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(models) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ModelFileError(f"averaging {len(models)} models needs {len(models)} non-negative weights, got {weights}")
+    weights = [w / sum(weights) for w in weights]
+    _check_compatible(models, names, "averaged")
+    for name, model in zip(names, models):
+        if model.ensemble:
+            raise ModelFileError(f"{name}: an ensemble; average single decoders")
+        if model.decoder_config != models[0].decoder_config:
+            raise ModelFileError(f"{name}: its decoder ({model.decoder_config.to_dict()}) differs from "
+                                 f"{names[0]}'s; only decoders of one architecture average")
+    state = {key: sum(w * m.decoder_state[key].float() for w, m in zip(weights, models))
+             for key in models[0].decoder_state}
+    training = {"average_of": [model.training for model in models], "weights": weights}
+    return ModelFile(state, models[0].decoder_config, models[0].vocabulary, models[0].encoder, None, training,
+                     {}, decoding=models[0].decoding)
 
 
 # ---- writing -----------------------------------------------------------------------------

@@ -7,13 +7,16 @@ stopped (a training stage interrupted mid-way resumes from its last.ckpt):
   2. xe           the attention GRU-512, cross-entropy (configs/flickr8k-att-gru512.yaml)
   3. scst-cider   self-critical training from 2 on CIDEr-D + BLEU-1 + BLEU-4
   4. scst-bleu    self-critical training from 2 on BLEU-1 + BLEU-4
-  5. ensemble     3 and 4 averaged per word, one model file
-  6. decoding     the beam size with the best dev BLEU-4 (ties go to the cheaper beam): dev
-                  chooses, test is never looked at
-  7. ship         dev and test scores at every beam, written into the final model file with
-                  its name, release and default decoding
+  5. soup         3 and 4 averaged weight by weight into one decoder (a model soup): the
+                  mixing weight with the best dev BLEU-4 at beam 3, from SOUP_WEIGHTS
+  6. ensemble     3 and 4 as a pair whose word distributions are averaged at every step:
+                  the quality model, shipped by name beside the default
+  7. decoding     for each, the beam size with the best dev BLEU-4 (ties go to the cheaper
+                  beam): dev chooses, test is never looked at
+  8. ship         dev and test scores at every beam, written into each model file with its
+                  name, release and default decoding; weights stored as float16
 
-On 2 CPU cores the full recipe takes about 2 h 10 min; `limit` and `max_epochs` make a tiny
+On 2 CPU cores the full recipe takes about 2 h 15 min; `limit` and `max_epochs` make a tiny
 run of the same stages (the tests run one).
 """
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Callable
 from captioner.errors import TrainingError
 from captioner.metrics import BLEU_KEYS
 
-MODEL_NAME = "flickr8k-att-gru512-scst-pair"
+MODEL_NAME = "flickr8k-att-gru512-scst-soup"     # the default: one decoder
+PAIR_NAME = "flickr8k-att-gru512-scst-pair"      # the two decoders as an ensemble
+SOUP_WEIGHTS = (0.5, 0.6, 0.7, 0.8)              # the BLEU-1+4 decoder's share, tried on dev
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = {"xe": ["flickr8k-att-gru512.yaml"],
           "scst-cider": ["flickr8k-att-gru512.yaml", "flickr8k-att-gru512-scst-cider.yaml"],
@@ -39,7 +44,7 @@ class RecipeSettings:
     data_root: str = "../shared/datasets/flickr8k"
     workdir: str = "runs/recipe"
     cache: str = "cache/flickr8k-lite0"
-    output: str | None = None               # default: <workdir>/<MODEL_NAME>.safetensors
+    output: str | None = None               # default: <workdir>/<MODEL_NAME>.safetensors (the pair beside it)
     limit: int | None = None                # train on the first N train images (N // 4 dev and test)
     max_epochs: int | None = None           # every training stage at most this many epochs
     beams: tuple[int, ...] = (1, 3, 5)
@@ -50,23 +55,34 @@ class RecipeSettings:
     def output_path(self) -> Path:
         return Path(self.output) if self.output else Path(self.workdir) / f"{MODEL_NAME}.safetensors"
 
+    @property
+    def pair_path(self) -> Path:
+        return self.output_path.with_name(f"{PAIR_NAME}.safetensors")
+
 
 def run_recipe(settings: RecipeSettings, say: Callable[[str], None] = lambda line: None) -> Path:
-    """Run (or finish) every stage; returns the final model file."""
+    """Run (or finish) every stage; returns the default model file (the pair lies beside it)."""
+    from captioner.api import Captioner
     from captioner.outputs import check_output
-    work, out = Path(settings.workdir), settings.output_path
+    work, out, pair = Path(settings.workdir), settings.output_path, settings.pair_path
     check_output(out, "model file")
-    if out.is_file():
-        say(f"recipe: {out} exists: nothing to do (delete it to ship again)")
+    check_output(pair, "model file")
+    if out.is_file() and pair.is_file():
+        say(f"recipe: {out} and {pair} exist: nothing to do (delete them to ship again)")
         return out
     started = time.perf_counter()
     _features(settings, say)
     for stage in STAGES:
         _train(stage, settings, work, say)
-    from captioner.api import Captioner
-    captioner = Captioner.load(_ensemble(work, say), device="cpu")
-    decoding, scores = _choose_decoding(captioner, settings, say)
-    _ship(captioner, decoding, scores, settings, out, say)
+    for path, name, source in ((out, MODEL_NAME, lambda: _soup(work, settings, say)),
+                               (pair, PAIR_NAME, lambda: _ensemble(work, say))):
+        if path.is_file():
+            say(f"recipe: {path} exists, skipped")
+            continue
+        # Scored as shipped: the float16 weights the file stores (cast to float32 on load).
+        captioner = Captioner.load(_float16(source(), work / f"{name}.float16.safetensors"), device="cpu")
+        decoding, scores = _choose_decoding(captioner, settings, say)
+        _ship(captioner, name, decoding, scores, settings, path, say)
     say(f"recipe: done in {time.perf_counter() - started:.0f} s: {out}")
     return out
 
@@ -133,6 +149,31 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _soup(work: Path, settings: RecipeSettings, say: Callable[[str], None]) -> Path:
+    """The two self-critical decoders averaged weight by weight, the mix chosen on dev."""
+    from captioner.api import Captioner
+    from captioner.modelfile import average_models, load_model, save_model
+    cider, bleu = (load_model(work / stage / "model.safetensors") for stage in ("scst-cider", "scst-bleu"))
+    dev = {}
+    for weight in SOUP_WEIGHTS:
+        path = work / f"soup-{weight}.safetensors"
+        save_model(path, average_models([cider, bleu], [1.0 - weight, weight]))
+        dev[weight] = _evaluate(Captioner.load(path, device="cpu"), "dev", 3, settings)["bleu4"]
+    best = max(SOUP_WEIGHTS, key=lambda w: dev[w])
+    say("recipe: stage soup: dev BLEU-4 at beam 3 " + ", ".join(f"{w} {dev[w]:.4f}" for w in SOUP_WEIGHTS)
+        + f": the BLEU-1+4 decoder's weight {best}")
+    return work / f"soup-{best}.safetensors"
+
+
+def _float16(source: Path, out: Path) -> Path:
+    """`source` with its weights stored as float16 (half the file; scores measured on it)."""
+    import torch
+
+    from captioner.modelfile import load_model, save_model
+    save_model(out, load_model(source), dtype=torch.float16)
+    return out
+
+
 def _ensemble(work: Path, say: Callable[[str], None]) -> Path:
     from captioner.modelfile import combine_models, load_model, save_model
     out = work / "ensemble.safetensors"
@@ -164,16 +205,18 @@ def _choose_decoding(captioner, settings: RecipeSettings, say: Callable[[str], N
     return best, {"dev": dev}
 
 
-def _ship(captioner, beam: int, scores: dict, settings: RecipeSettings, out: Path,
+def _ship(captioner, name: str, beam: int, scores: dict, settings: RecipeSettings, out: Path,
           say: Callable[[str], None]) -> None:
+    import torch
+
     from captioner.modelfile import save_model
     from captioner.version import __version__
     scores["test"] = {f"beam{b}": _evaluate(captioner, "test", b, settings) for b in settings.beams}
     scores.update(length_penalty=0.0, precision=settings.precision)
     model = captioner.model
-    model.scores, model.name, model.version = scores, MODEL_NAME, __version__
+    model.scores, model.name, model.version = scores, name, __version__
     model.decoding = model.decoding.replace(beam_size=beam, length_penalty=0.0, precision=settings.precision)
-    save_model(out, model)
+    save_model(out, model, dtype=torch.float16)
     test = scores["test"][f"beam{beam}"]
     say(f"recipe: stage ship: test at beam {beam}: " + " / ".join(f"{test[k]:.3f}" for k in BLEU_KEYS)
         + (f", CIDEr-D {test['cider_d']:.3f}" if "cider_d" in test else "") + f" -> {out}")

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from safetensors import safe_open
 
 from captioner.modelfile import load_model
-from captioner.recipe import MODEL_NAME
+from captioner.recipe import MODEL_NAME, PAIR_NAME, SOUP_WEIGHTS
 from captioner.version import __version__
 
 pytestmark = pytest.mark.slow
@@ -27,11 +28,17 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path, flickr8k_root):
     proc = recipe(tmp_path, flickr8k_root)
     stages = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("recipe: stage")]
     assert stages[:4] == ["features", "xe", "scst-cider", "scst-bleu"]
-    assert stages[-3:] == ["ensemble:", "decoding:", "ship:"]
+    assert stages[4:] == ["soup:", "decoding:", "ship:", "ensemble:", "decoding:", "ship:"]
     out = tmp_path / "work" / f"{MODEL_NAME}.safetensors"
     model = load_model(out)
     assert model.name == MODEL_NAME and model.version == __version__
-    assert len(model.members) == 2  # the two self-critical decoders, averaged
+    assert len(model.members) == 1  # one decoder: the two self-critical ones averaged weight by weight
+    cider_weight, bleu_weight = model.training["weights"]  # the mix chosen on dev
+    assert round(bleu_weight, 6) in SOUP_WEIGHTS and cider_weight + bleu_weight == pytest.approx(1.0)
+    pair = load_model(tmp_path / "work" / f"{PAIR_NAME}.safetensors")
+    assert pair.name == PAIR_NAME and len(pair.members) == 2
+    with safe_open(str(out), framework="pt") as fh:  # stored as float16, scored as stored
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F16"}
     assert model.decoding.beam_size in (1, 3, 5) and model.decoding.length_penalty == 0.0
     assert set(model.scores["dev"]) == set(model.scores["test"]) == {"beam1", "beam3", "beam5"}
     assert all(0.0 <= model.scores["test"]["beam1"][k] <= 1.0 for k in ("bleu1", "bleu4"))
@@ -44,6 +51,7 @@ def test_recipe_runs_every_stage_and_resumes(tmp_path, flickr8k_root):
 
     # Killed after training: the trained stages are kept, only the rest runs again.
     out.unlink()
+    (tmp_path / "work" / f"{PAIR_NAME}.safetensors").unlink()
     (tmp_path / "work" / "scst-bleu" / "model.safetensors").unlink()
     again = recipe(tmp_path, flickr8k_root).stdout
     assert "stage xe:" in again and "exists, skipped" in again
