@@ -137,15 +137,9 @@ class CaptionDataModule(pl.LightningDataModule):
         skip_missing: bool = False,
         augment: bool = True,
         seed: int = 0,
-        train_captions: str | None = None,
     ) -> None:
         """Reads the dataset and builds the vocabulary now, so LightningCLI can link
-        `vocab_size` and `feature_dim` into the model before anything is trained.
-
-        `train_captions`: a JSON Lines file of {"image": file name, "caption": str} (what
-        `captioner evaluate --predictions` writes) whose captions replace the references as
-        the training targets: sequence-level distillation from a teacher's own captions. The
-        vocabulary and the references of validation and rewards stay the dataset's."""
+        `vocab_size` and `feature_dim` into the model before anything is trained."""
         super().__init__()
         if mode not in ("features", "images"):
             raise ValueError(f"data.mode must be features | images, got {mode!r}")
@@ -181,30 +175,11 @@ class CaptionDataModule(pl.LightningDataModule):
         from captioner.model.encoders import encoder_feature_dim
         return encoder_feature_dim(self.hparams.encoder)
 
-    def _target_captions(self) -> list[list[str]]:
-        """Each training image's target captions: its references, or `train_captions`' own."""
-        path = self.hparams.get("train_captions")
-        if not path:
-            return [list(r.captions) for r in self.train_records]
-        from pathlib import Path
-
-        from captioner.data.formats import read_jsonl_captions
-        source = Path(path)
-        folder = Path(self.train_records[0].path).parent
-        by_name: dict[str, list[str]] = {}
-        for row in read_jsonl_captions(source, folder):
-            by_name.setdefault(Path(row.image).name, []).append(row.caption)
-        missing = [r for r in self.train_records if Path(r.path).name not in by_name]
-        if missing:
-            raise DatasetError(f"{source}: no caption for {len(missing)} of the {len(self.train_records)} training "
-                               f"images (e.g. {Path(missing[0].path).name})")
-        return [by_name[Path(r.path).name] for r in self.train_records]
-
-    def _encode(self, records: list[Record], captions: list[list[str]] | None = None) -> list[list[list[int]]]:
+    def _encode(self, records: list[Record]) -> list[list[list[int]]]:
         limit = self.hparams.max_caption_length
         out = []
-        for k, r in enumerate(records):
-            caps = [self.vocabulary.encode(c)[: limit + 1] for c in (r.captions if captions is None else captions[k])]
+        for r in records:
+            caps = [self.vocabulary.encode(c)[: limit + 1] for c in r.captions]
             out.append([c if c[-1] == Vocabulary.end_id else c[:limit] + [Vocabulary.end_id] for c in caps])
         return out
 
@@ -217,7 +192,7 @@ class CaptionDataModule(pl.LightningDataModule):
         else:
             from captioner.model.encoders import encoder_preprocessing
             self._preprocessing = encoder_preprocessing(hp.encoder)
-        self.train_set = CaptionPairs(self._encode(self.train_records, self._target_captions()), hp.captions_per_epoch)
+        self.train_set = CaptionPairs(self._encode(self.train_records), hp.captions_per_epoch)
         self.val_set = ImageIndex(len(self.val_records))
 
     def _open_or_build_cache(self) -> FeatureCache:

@@ -23,12 +23,10 @@ from captioner.metrics import bleu_scores, diversity_scores
 from captioner.model.decoder import CaptionDecoder, Memory
 from captioner.model.search import greedy
 from captioner.model.self_critical import Reward, build_reward, self_critical_loss
-from captioner.model.settings import (DecoderSettings, DistillConfig, FinetuneConfig, OptimizationConfig,
-                                      SelfCriticalConfig)
+from captioner.model.settings import DecoderSettings, FinetuneConfig, OptimizationConfig, SelfCriticalConfig
 from captioner.text import Vocabulary
 
-__all__ = ["CaptioningModule", "DecoderSettings", "DistillConfig", "FinetuneConfig", "OptimizationConfig",
-           "SelfCriticalConfig"]
+__all__ = ["CaptioningModule", "DecoderSettings", "FinetuneConfig", "OptimizationConfig", "SelfCriticalConfig"]
 
 
 def _as(kind: type, value: Any) -> Any:
@@ -46,7 +44,6 @@ class CaptioningModule(pl.LightningModule):
         self_critical: SelfCriticalConfig | None = None,
         init_decoder: str | None = None,
         finetune: FinetuneConfig | None = None,
-        distill: DistillConfig | None = None,
         max_decode_length: int = 30,
         mode: str = "features",
         encoder: str = "efficientnet-lite0",
@@ -61,7 +58,6 @@ class CaptioningModule(pl.LightningModule):
         super().__init__()
         decoder, optimization = _as(DecoderSettings, decoder), _as(OptimizationConfig, optimization)
         self_critical, finetune = _as(SelfCriticalConfig, self_critical), _as(FinetuneConfig, finetune)
-        distill = _as(DistillConfig, distill)
         # Checkpoints keep the settings as plain dicts: the weights-only unpickler that reads
         # them back refuses any class.
         self.save_hyperparameters({"vocab_size": vocab_size, "feature_dim": feature_dim, "decoder": asdict(decoder),
@@ -69,7 +65,6 @@ class CaptioningModule(pl.LightningModule):
                                    "self_critical": None if self_critical is None else asdict(self_critical),
                                    "init_decoder": init_decoder,
                                    "finetune": None if finetune is None else asdict(finetune),
-                                   "distill": None if distill is None else asdict(distill),
                                    "max_decode_length": max_decode_length, "mode": mode, "encoder": encoder})
         if vocab_size < 5 or feature_dim < 1:
             raise TrainingError("vocab_size and feature_dim must come from the data (link data.vocab_size / "
@@ -81,8 +76,6 @@ class CaptioningModule(pl.LightningModule):
         self.settings = optimization
         self.self_critical = self_critical
         self.finetune = finetune
-        self.distill = distill
-        self._teacher: list = []  # the distillation teacher, outside the module tree (never saved)
         self.decoder = CaptionDecoder(decoder.config(vocab_size, feature_dim))
         self.encoder = None
         if mode == "images":  # frozen until EncoderFinetuning opens its tail
@@ -114,23 +107,6 @@ class CaptioningModule(pl.LightningModule):
             self._reward = build_reward(self.self_critical.reward, datamodule.train_references)
         if stage == "fit" and self.hparams.init_decoder:
             self._load_initial_decoder(self.hparams.init_decoder)
-        if stage == "fit" and self.distill is not None:
-            self._load_teacher(self.distill.teacher)
-
-    def _load_teacher(self, path: str) -> None:
-        """The distillation teacher's decoders (frozen), which must share the vocabulary."""
-        from captioner.modelfile import load_model
-        teacher = load_model(path)
-        if self.vocabulary is not None and list(teacher.vocabulary.words) != list(self.vocabulary.words):
-            raise ModelFileError(f"{path}: the teacher's vocabulary differs from the one built from this run's data")
-        if teacher.encoder.get("name") != self.hparams.encoder or teacher.encoder.get("finetuned"):
-            raise ModelFileError(f"{path}: the teacher reads other features ({teacher.encoder.get('name')})")
-        decoder = teacher.build_decoder().requires_grad_(False)
-        self._teacher = [getattr(decoder, "members", [decoder])]
-
-    def on_fit_start(self) -> None:
-        for member in self._teacher[0] if self._teacher else []:
-            member.to(self.device)
 
     def _load_initial_decoder(self, path: str) -> None:
         """Start from a trained decoder (see __init__); refuses one that would not fit."""
@@ -191,37 +167,16 @@ class CaptioningModule(pl.LightningModule):
 
     def cross_entropy_loss(self, batch: dict[str, Tensor],
                            memory: Memory | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Teacher-forced cross-entropy of the batch's captions (+ the attention regularizer,
-        + the distillation term when training from a teacher)."""
+        """Teacher-forced cross-entropy of the batch's captions (+ the attention regularizer)."""
         memory = self.memory(batch) if memory is None else memory
         logits, targets, alphas = self.decoder(memory, batch["captions"], batch["lengths"])
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.settings.label_smoothing)
         parts, total = {"ce": ce}, ce
-        if self.distill is not None and self.training:
-            kl = self._distillation(batch, logits)
-            parts["distill_kl"] = kl
-            total = (1.0 - self.distill.weight) * ce + self.distill.weight * kl
         if alphas is not None and self.settings.alpha_c > 0:
             ds = ((1.0 - alphas.sum(dim=1)) ** 2).mean()  # doubly stochastic: ~1 attention per cell
             parts["attention_reg"] = ds
             total = total + self.settings.alpha_c * ds
         return total, parts
-
-    def _distillation(self, batch: dict[str, Tensor], logits: Tensor) -> Tensor:
-        """KL(teacher || student) per real target position, averaged: logits [N,V]."""
-        with torch.no_grad():
-            grid, pooled = batch.get("grid"), batch["pooled"].float()
-            grid = None if grid is None else grid.float()
-            if grid is None and any(m.config.attention for m in self._teacher[0]):
-                raise TrainingError("the distillation teacher attends: set data.load_grid: true")
-            probs = None
-            for member in self._teacher[0]:
-                member_logits, _, _ = member(member.memory(grid, pooled), batch["captions"], batch["lengths"])
-                p = torch.softmax(member_logits.float(), dim=-1)
-                probs = p if probs is None else probs.add_(p)
-            probs = probs.div_(len(self._teacher[0]))
-        log_student = torch.log_softmax(logits.float(), dim=-1)
-        return F.kl_div(log_student, probs, reduction="batchmean")
 
     def on_train_epoch_start(self) -> None:
         # Lightning restores submodules' modes after validation; Encoder.train() puts exactly

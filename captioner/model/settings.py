@@ -1,6 +1,5 @@
 """The training settings a `CaptioningModule` takes, nested as the configs write them:
-`model.decoder`, `model.optimization`, `model.self_critical`, `model.finetune`,
-`model.distill`. Each validates its own fields when it is made."""
+`model.decoder`, `model.optimization`, `model.self_critical` and `model.finetune`. Each validates its own fields when it is made."""
 from __future__ import annotations
 
 import math
@@ -62,23 +61,6 @@ class FinetuneConfig:
     lr: float = 1e-4
     unfreeze_at_epoch: int = 0
     train_mode: bool = True
-
-
-@dataclass
-class DistillConfig:
-    """Word-level knowledge distillation (Hinton et al. 2015; Kim and Rush 2016): the loss is
-    (1 - weight) x the cross-entropy of the batch's captions + weight x the KL divergence from
-    the `teacher` model file's word distributions (an ensemble's averaged ones) to the
-    student's, both teacher-forced on the same captions. With `data.train_captions` holding
-    the teacher's own beam-search captions this is also sequence-level distillation: one
-    decoder learns to write what the ensemble writes, at the cost of one."""
-
-    teacher: str
-    weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.weight <= 1.0:
-            raise ValueError(f"distill.weight must be in [0, 1], got {self.weight}")
 
 
 @dataclass
