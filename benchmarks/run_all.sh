@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
-ALL="caption_throughput batched_beam training cold_start image_decoding memory"
+ALL="caption_throughput batched_beam single_image training cold_start image_decoding memory"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 failed=""

@@ -100,6 +100,12 @@ def test_batched_beam(tiny_models, tiny_cache, capsys):
     assert out["speedup"] > 0 and set(out["images_per_s"]) == {"batched", "one_at_a_time"}
 
 
+def test_single_image(tiny_models, flickr8k_root, capsys):
+    out = run("single_image", ["--model", tiny_models["attention"], "--images", 2, "--repeats", 1], capsys)
+    assert set(out["ms_per_call"]) == {"encoder_only", "caption"}
+    assert out["ratio_to_encoder_only"] > 0 and isinstance(out["target"]["met"], bool)
+
+
 def test_batched_beam_refuses_to_touch_a_cache_without_the_images(tiny_models, tiny_cache, capsys):
     with pytest.raises(SystemExit, match="lacks"):
         load("batched_beam").main(["--model", str(tiny_models["plain"]), "--features", str(tiny_cache),
