@@ -12,11 +12,13 @@ function with three measured tricks:
 * Sigmoid-form attention energies: w . tanh(e) + b computed as 2 w . sigmoid(2e) +
   (b - sum(w)) (tanh(x) = 2 sigmoid(2x) - 1): PyTorch's CPU tanh costs 3.7x its sigmoid, and
   this [B,K,L,A] tensor is the step's largest (tanh was 9% of beam search).
-* int8 products on CPU (`precision="int8"`): the output projection, the attention gate and the
-  context's share of the cell's input run through FBGEMM's int8 kernels (weights int8 per
-  output channel), about 2x faster than float32 for the few rows of a beam search step. The
-  recurrent products, the attention energies and the softmax stay float32. The activation
-  range is pinned (`PinnedRangeInt8Linear`) so a caption never depends on its batch.
+* int8 products on CPU (`precision="int8"`): the output projection, the attention gate, the
+  context's share of the cell's input, the recurrent product W_hh h (the cell's gate
+  non-linearities then run in `_gate_step`) and the grid's attention projection run through
+  FBGEMM's int8 kernels (weights int8 per output channel), about 2x faster than float32 for
+  the few rows of a beam search step. The attention energies and the softmaxes stay float32.
+  Each activation range is pinned (`PinnedRangeInt8Linear`: hidden states to [-1, 1],
+  features to the encoder's range) so a caption never depends on its batch.
 """
 from __future__ import annotations
 
@@ -102,7 +104,7 @@ class FastDecoder(nn.Module):
     step_returns_log_probs = False
 
     def __init__(self, decoder: CaptionDecoder, precision: str = "float32",
-                 feature_range: tuple[float, float] | None = None) -> None:
+                 feature_range: tuple[float, float] | None = None, int8_recurrent: bool = True) -> None:
         super().__init__()
         self.decoder = decoder.eval().requires_grad_(False)
         self.config: DecoderConfig = decoder.config
@@ -121,14 +123,16 @@ class FastDecoder(nn.Module):
         self.output: nn.Module = decoder.output
         self.gate: nn.Module | None = attention.gate if attention is not None else None
         self.context_gates: nn.Module | None = None  # int8: the context's product outside the cell
+        self.recurrent: nn.Module | None = None      # int8: W_hh h + b_hh outside the fused cell
+        self.grid_proj: nn.Module | None = attention.encoder_proj if attention is not None else None
         if attention is not None:
             score = attention.score
             self.register_buffer("score_weight", 2 * score.weight[0].detach(), persistent=False)
             self.register_buffer("score_bias", (score.bias - score.weight[0].sum()).detach(), persistent=False)
         if precision == "int8":
-            self._to_int8(feature_range)
+            self._to_int8(feature_range, int8_recurrent)
 
-    def _to_int8(self, feature_range: tuple[float, float] | None) -> None:
+    def _to_int8(self, feature_range: tuple[float, float] | None, recurrent: bool) -> None:
         self.output = PinnedRangeInt8Linear(self.output.weight, self.output.bias, HIDDEN_RANGE)
         if self.gate is not None:
             self.gate = PinnedRangeInt8Linear(self.gate.weight, self.gate.bias, HIDDEN_RANGE)
@@ -137,6 +141,17 @@ class FastDecoder(nn.Module):
         if feature_range is not None and self.context_weight is not None:
             low, high = min(feature_range[0], 0.0), max(feature_range[1], 0.0)
             self.context_gates = PinnedRangeInt8Linear(self.context_weight, None, (low, high))
+        # The encoder half of the attention energies, once per image (49 x 1280 -> 512: as
+        # many multiply-adds as a sixth of EfficientNet-Lite0), over features in the same range.
+        if feature_range is not None and self.grid_proj is not None:
+            low, high = min(feature_range[0], 0.0), max(feature_range[1], 0.0)
+            proj = self.decoder.attention.encoder_proj
+            self.grid_proj = PinnedRangeInt8Linear(proj.weight, proj.bias, (low, high))
+        # The recurrent product W_hh h (h in [-1, 1]) as int8 too: then the cell's gate
+        # non-linearities run here (`_gate_step`) instead of inside torch's fused cell.
+        if recurrent and self.token_gates is not None and (self.context_weight is None or self.context_gates is not None):
+            rnn = self.decoder.rnn
+            self.recurrent = PinnedRangeInt8Linear(rnn.weight_hh_l0, rnn.bias_hh_l0, HIDDEN_RANGE)
 
     def train(self, mode: bool = True) -> FastDecoder:
         if mode:
@@ -148,7 +163,9 @@ class FastDecoder(nn.Module):
             return Memory(None, None, pooled)
         if grid is None:
             raise ValueError("an attention decoder needs the feature grid")
-        return Memory(grid, self.decoder.attention.encoder_proj(grid).mul_(2), pooled)  # 2e, see above
+        b, cells, channels = grid.shape
+        projected = self.grid_proj(grid.reshape(b * cells, channels)).view(b, cells, -1)
+        return Memory(grid, projected.mul_(2), pooled)  # 2e, see above
 
     def init_state(self, memory: Memory) -> State:
         return self.decoder.init_state(memory)
@@ -168,10 +185,34 @@ class FastDecoder(nn.Module):
             weight = self.context_weight
             if context is not None and self.context_gates is not None:
                 gates, context = gates + self.context_gates(context), None
-            if context is None:  # the cell gets a zero-width input: everything is in `gates`
-                context, weight = gates.new_zeros(gates.shape[0], 0), gates.new_zeros(gates.shape[1], 0)
-            hidden, state = self.decoder.cell_step(context, state, weight, gates)
+            if self.recurrent is not None:
+                hidden, state = self._gate_step(gates, state)
+            else:
+                if context is None:  # the cell gets a zero-width input: everything is in `gates`
+                    context, weight = gates.new_zeros(gates.shape[0], 0), gates.new_zeros(gates.shape[1], 0)
+                hidden, state = self.decoder.cell_step(context, state, weight, gates)
         return self.output(hidden), state, alpha
+
+    def _gate_step(self, gates: Tensor, state: State) -> tuple[Tensor, State]:
+        """One cell step from the input gates [N, gates] and the int8 recurrent product, with
+        torch's gate order (GRU r, z, n; LSTM i, f, g, o)."""
+        h = state[0][0]                                                        # [N,H]
+        recurrent = self.recurrent(h)                                          # [N, gates]
+        cell = self.config.cell
+        if cell == "gru":
+            i_r, i_z, i_n = gates.chunk(3, 1)
+            h_r, h_z, h_n = recurrent.chunk(3, 1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h = n + z * (h - n)
+            return h, (h.unsqueeze(0),)
+        if cell == "lstm":
+            i, f, g, o = (gates + recurrent).chunk(4, 1)
+            c = torch.sigmoid(f) * state[1][0] + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            return h, (h.unsqueeze(0), c.unsqueeze(0))
+        h = torch.tanh(gates + recurrent)
+        return h, (h.unsqueeze(0),)
 
     def _attend(self, memory: Memory, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """`SoftAttention.forward` in the sigmoid form: -> gated context [B*K,C], alpha [B*K,L]."""
@@ -187,12 +228,14 @@ class FastDecoder(nn.Module):
 
 
 def fast_decoder(decoder: CaptionDecoder | EnsembleDecoder, precision: str = "float32",
-                 feature_range: tuple[float, float] | None = None) -> FastDecoder | EnsembleDecoder:
+                 feature_range: tuple[float, float] | None = None,
+                 int8_recurrent: bool = True) -> FastDecoder | EnsembleDecoder:
     """The inference form of a decoder or of every member of an ensemble. `precision`:
     'float32' or 'int8' (resolve 'auto' first); `feature_range`: the encoder's
     (`Encoder.feature_range`), without which the context's product stays float32."""
     if precision not in ("float32", "int8"):
         raise ValueError(f"precision must be float32 or int8 here, got {precision!r}")
     if isinstance(decoder, EnsembleDecoder):
-        return EnsembleDecoder([FastDecoder(m, precision, feature_range) for m in decoder.members]).eval()
-    return FastDecoder(decoder, precision, feature_range).eval()
+        return EnsembleDecoder([FastDecoder(m, precision, feature_range, int8_recurrent)
+                                for m in decoder.members]).eval()
+    return FastDecoder(decoder, precision, feature_range, int8_recurrent).eval()
