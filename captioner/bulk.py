@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.bulk_output import DoneSet, RecordFile, file_key, write_all
 from captioner.discovery import Found, iter_images
 from captioner.errors import UsageError
 from captioner.formats import json_line
-from captioner.images import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
     from captioner.api import Captioner, CaptionResult
@@ -271,89 +268,13 @@ def run_bulk(captioner: Captioner, config: DecodingConfig, paths: Sequence[str],
 
 def count_images(paths: Iterable[str], stop: threading.Event | None = None,
                  select: Callable[[str], bool] | None = None) -> int | None:
-    """About how many images `iter_images(paths)` will give: the same walk rules, but names
-    only (no stat per file, nothing kept per file; files reached twice through links count
-    twice). Run in a background thread; returns None once `stop` is set. With `select`, each
-    path is hashed (a shard's or a rank's share)."""
-    from captioner.discovery import _MAGIC, _Glob  # the walker's own pattern rules
+    """How many images `iter_images(paths)` gives (with `select`, this shard's or rank's
+    share): the same walk, counted as it streams, nothing kept per file. Run in a background
+    thread for the progress bar's total; returns None once `stop` is set."""
     total = 0
-    for given in paths:
-        try:
-            info = os.stat(given)
-        except OSError:
-            if not os.path.lexists(given) and _MAGIC.search(given):
-                parts = given.split(os.sep)
-                first = next(i for i, part in enumerate(parts) if _MAGIC.search(part))
-                base = os.sep.join(parts[:first]) or (os.sep if given.startswith(os.sep) else ".")
-                rest = [part for part in parts[first:] if part not in ("", ".")]
-                counted = _count_tree(str(Path(base)), _Glob(rest, given.endswith(os.sep)), stop, select)
-                if counted is None:
-                    return None
-                total += counted
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            counted = _count_tree(str(Path(given)), None, stop, select)
-            if counted is None:
-                return None
-            total += counted
-        elif stat.S_ISREG(info.st_mode) and (select is None or select(str(Path(given)))):
-            total += 1
-    return total
-
-
-def _count_tree(top: str, glob: Any, stop: threading.Event | None,
-                select: Callable[[str], bool] | None) -> int | None:
-    """Images below `top` (as discovery._walk finds them); None when stopped."""
-    total = 0
-    entered: set[tuple[int, int, Any]] = set()
-    states = glob.start() if glob else None
-    if glob and glob.done(states):
-        states = None
-    stack: list[tuple[str, Any, Iterator[os.DirEntry[str]]]] = []
-    _push(stack, entered, top, states)
-    while stack:
+    for found in iter_images(paths):
         if stop is not None and stop.is_set():
             return None
-        directory, states, entries = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
-            stack.pop()
-            continue
-        name = entry.name
-        if states is None:
-            if name.startswith("."):
-                continue
-            below, whole = None, True
-        else:
-            below = glob.step(states, name)
-            if not below:
-                continue
-            whole = glob.done(below)
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            is_dir = False
-        path = name if directory == "." else f"{directory.rstrip(os.sep)}{os.sep}{name}"
-        if is_dir:
-            _push(stack, entered, path, None if whole else below)
-        elif (whole and not (glob and glob.dirs_only and states is not None) and _is_image_name(name)
-              and (select is None or select(path))):
+        if found.ok and (select is None or select(found.path)):
             total += 1
     return total
-
-
-def _push(stack: list, entered: set, path: str, states: Any) -> None:
-    try:
-        info = os.stat(path)
-        key = (info.st_dev, info.st_ino, states)
-        if key in entered:
-            return
-        entered.add(key)
-        stack.append((path, states, iter(os.scandir(path))))
-    except OSError:
-        return
-
-
-def _is_image_name(name: str) -> bool:
-    dot = name.rfind(".")
-    return dot > 0 and name[0] != "." and name[dot:].lower() in IMAGE_EXTENSIONS
