@@ -212,7 +212,8 @@ def _ship(captioner, name: str, beam: int, scores: dict, settings: RecipeSetting
     from captioner.modelfile import save_model
     from captioner.version import __version__
     scores["test"] = {f"beam{b}": _evaluate(captioner, "test", b, settings) for b in settings.beams}
-    scores.update(length_penalty=0.0, precision=settings.precision)
+    from captioner.model.inference import resolve_precision
+    scores.update(length_penalty=0.0, precision=resolve_precision(settings.precision, captioner.device))
     model = captioner.model
     model.scores, model.name, model.version = scores, name, __version__
     model.decoding = model.decoding.replace(beam_size=beam, length_penalty=0.0, precision=settings.precision)

@@ -12,8 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results.jsonl"
-DEFAULT_ROW = "flickr8k-att-gru512-scst-pair/int8/test/beam3"
-DEFAULT_NAME = "flickr8k-att-gru512-scst-pair"
+DEFAULT_NAME = "flickr8k-att-gru512-scst-soup"
 
 UNIT_INTERVAL = {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "bleu4_min", "bleu4_max", "greedy_dev_bleu4_best",
                  "greedy_dev_bleu1_best", "ratio_to_encoder_only"}
@@ -92,13 +91,14 @@ def test_default_model_row_matches_the_shipped_file(rows):
     if not DEFAULT_MODEL.is_file():
         pytest.skip("this install ships no default model")
     model = load_model(DEFAULT_MODEL)
-    stored = model.scores["test"]["beam3"]
-    row = next((r for r in rows if r["id"] == DEFAULT_ROW), None)
-    assert row is not None, f"no row {DEFAULT_ROW}"
+    beam = model.decoding.beam_size  # the row at the model's own default decoding
+    stored = model.scores["test"][f"beam{beam}"]
+    row_id = f"{DEFAULT_NAME}/int8/test/beam{beam}"
+    row = next((r for r in rows if r["id"] == row_id), None)
+    assert row is not None, f"no row {row_id}"
     assert row["model"] == DEFAULT_NAME and row["split"] == "test"
-    if model.name:
-        assert model.name == DEFAULT_NAME
-    assert row["decoding"]["beam_size"] == 3
+    assert model.name == DEFAULT_NAME
+    assert row["decoding"]["beam_size"] == beam
     assert row["decoding"]["precision"] == model.scores.get("precision", "int8")
     assert row["decoding"]["length_penalty"] == model.scores.get("length_penalty", 0.0)
     for key in ("bleu1", "bleu2", "bleu3", "bleu4"):
