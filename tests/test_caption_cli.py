@@ -88,9 +88,9 @@ def test_api_structured_results_paths_and_pil(tiny_model_file, tmp_path):
     assert model.caption(DEMO[1], beam_size=3)[0].caption == results[2].caption
 
 
-def test_default_model_missing_says_no_model_yet(monkeypatch, tmp_path):
+def test_default_model_missing_says_so_and_how_to_get_one(monkeypatch, tmp_path):
     monkeypatch.setattr(api, "DEFAULT_MODEL", tmp_path / "none.safetensors")
-    with pytest.raises(ModelFileError, match="no model yet"):
+    with pytest.raises(ModelFileError, match="ships no default model; train one"):
         Captioner.load()
 
 
@@ -101,17 +101,17 @@ def test_sampling_is_seeded(tiny_model_file):
 
 
 def test_model_decoding_settings_are_the_defaults(tiny_model_file, tmp_path):
-    """A model file may carry the beam size and length penalty chosen on dev: the API, the CLI
-    and evaluation use them unless told otherwise; explicit options still win."""
+    """A model file carries the decoding chosen on dev: the API and the CLI use it unless told
+    otherwise; explicit options still win."""
+    from captioner.decoding import DecodingConfig
     from captioner.modelfile import load_model, save_model
 
     model = load_model(tiny_model_file)
-    model.decoding = {"beam_size": 4, "length_penalty": 0.7}
+    model.decoding = DecodingConfig(beam_size=4, length_penalty=0.7)
     tuned = tmp_path / "tuned.safetensors"
     save_model(tuned, model)
     captioner = Captioner.load(tuned, device="cpu")
-    assert captioner.search_defaults == {"beam_size": 4, "length_penalty": 0.7}
-    assert Captioner.load(tiny_model_file, device="cpu").search_defaults == {"beam_size": 3, "length_penalty": 0.0}
+    assert (captioner.decoding.beam_size, captioner.decoding.length_penalty) == (4, 0.7)
     implicit = captioner.caption(DEMO[:2], n_best=4)
     explicit = captioner.caption(DEMO[:2], beam_size=4, length_penalty=0.7, n_best=4)
     assert [r.alternatives for r in implicit] == [r.alternatives for r in explicit]
@@ -120,8 +120,8 @@ def test_model_decoding_settings_are_the_defaults(tiny_model_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["caption"] == implicit[0].caption
     too_many = run_cli(str(DEMO[0]), "--model", str(tuned), "--n-best", "5")
-    assert too_many.returncode == 1
-    assert too_many.stderr.strip() == "captioner: error: --n-best 5 needs --beam-size >= 5 (the model's beam size is 4)"
+    assert too_many.returncode == 2
+    assert too_many.stderr.strip().splitlines()[-1].startswith("captioner: error: n_best 5 needs beam_size >= 5")
 
 
 def test_bad_decoding_metadata_is_refused(tiny_model_file, tmp_path):
@@ -131,19 +131,21 @@ def test_bad_decoding_metadata_is_refused(tiny_model_file, tmp_path):
     with safe_open(str(tiny_model_file), framework="pt") as fh:
         meta = fh.metadata()
     tensors = load_file(str(tiny_model_file))
-    for bad in ('{"beam_size": 0}', '{"beam_size": 2.5}', '{"length_penalty": "x"}', '{"temperature": 2}', '[3]'):
+    for bad in ('{"beam_size": 0}', '{"beam_size": 2.5}', '{"length_penalty": "x"}', '{"temperature": 0}', '[3]'):
         path = tmp_path / "bad.safetensors"
         save_file(tensors, str(path), metadata={**meta, "decoding": bad})
-        with pytest.raises(ModelFileError, match="damaged metadata"):
+        with pytest.raises(ModelFileError, match="damaged metadata: decoding"):
             Captioner.load(path, device="cpu")
 
 
-def test_precision_option():
+def test_precision_option(tiny_model_file):
     """--precision float32 gives the float32 decoder's captions; a precision that does not exist
     is a usage error."""
-    expected = Captioner.load(device="cpu", precision="float32").caption(DEMO[0], beam_size=2)[0].caption
-    proc = run_cli(str(DEMO[0]), "--beam-size", "2", "--precision", "float32", "--format", "jsonl")
+    model = Captioner.load(tiny_model_file, device="cpu")
+    expected = model.caption(DEMO[0], beam_size=2, precision="float32")[0].caption
+    proc = run_cli(str(DEMO[0]), "--model", str(tiny_model_file), "--beam-size", "2", "--precision", "float32",
+                   "--format", "jsonl")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["caption"] == expected
-    proc = run_cli(str(DEMO[0]), "--precision", "int4")
+    proc = run_cli(str(DEMO[0]), "--model", str(tiny_model_file), "--precision", "int4")
     assert proc.returncode == 2 and "--precision" in proc.stderr

@@ -164,8 +164,9 @@ def train_config(tmp: Path, dataset: Path, cache: Path, max_epochs: int) -> Path
                  "init_args": {"output": str(tmp / "model.safetensors")}},
             ],
         },
-        "model": {"cell": "lstm", "attention": True, "embed_dim": 16, "hidden_dim": 16,
-                  "attention_dim": 16, "dropout": 0.2, "lr": 3e-3, "max_decode_length": 8},
+        "model": {"decoder": {"cell": "lstm", "attention": True, "embed_dim": 16, "hidden_dim": 16,
+                              "attention_dim": 16, "dropout": 0.2},
+                  "optimization": {"lr": 3e-3}, "max_decode_length": 8},
         "data": {"dataset": "folder", "data_root": str(dataset), "feature_cache": str(cache),
                  "min_word_freq": 1, "batch_size": 4, "val_batch_size": 4, "num_workers": 0,
                  "captions_per_epoch": "one"},
@@ -265,16 +266,17 @@ def test_same_seed_same_losses_and_same_captions(dataset, reference_cache, tmp_p
 def test_evaluate_writes_metrics_and_predictions_by_rename(dataset, tiny_model_file, tmp_path, monkeypatch):
     """Old outputs survive a failed write, and new ones appear only by os.replace of a
     temporary file in the same directory."""
-    import captioner.modelfile as modelfile
+    import captioner.outputs as outputs
     from captioner.api import Captioner
+    from captioner.errors import OutputError
     from captioner.evaluation import evaluate_model
 
     metrics, predictions = tmp_path / "metrics.json", tmp_path / "preds.jsonl"
     metrics.write_text("old metrics\n")
     predictions.write_text("old predictions\n")
-    kwargs = dict(model=str(tiny_model_file), dataset="folder", data_root=str(dataset), split="dev",
-                  beam_size=1, max_length=4, output=str(metrics), predictions=str(predictions),
-                  captioner=Captioner.load(tiny_model_file, device="cpu"))
+    captioner = Captioner.load(tiny_model_file, device="cpu")
+    kwargs = dict(dataset="folder", data_root=str(dataset), split="dev", output=str(metrics),
+                  predictions=str(predictions), decoding=captioner.decoding.replace(beam_size=1, max_length=4))
 
     replaced = []
     real_replace = os.replace
@@ -283,16 +285,17 @@ def test_evaluate_writes_metrics_and_predictions_by_rename(dataset, tiny_model_f
         replaced.append((Path(src), Path(dst)))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(modelfile.os, "replace", crash_on_replace)
-    with pytest.raises(OSError):
-        evaluate_model(**kwargs)
+    monkeypatch.setattr(outputs.os, "replace", crash_on_replace)
+    with pytest.raises(OutputError, match="No space left on device"):
+        evaluate_model(captioner, **kwargs)
     assert metrics.read_text() == "old metrics\n" and predictions.read_text() == "old predictions\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "preds.jsonl"]  # temp removed
-    src, dst = replaced[0]
-    assert dst == metrics and src.parent == tmp_path and src.name.startswith(".metrics.json.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "preds.jsonl"]  # temps removed
+    assert [dst for _, dst in replaced] == [predictions, metrics]  # a failure of one never skips the other
+    for src, dst in replaced:
+        assert src.parent == tmp_path and src.name.startswith(f".{dst.name}.")
 
-    monkeypatch.setattr(modelfile.os, "replace", real_replace)
-    result = evaluate_model(**kwargs)
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    result = evaluate_model(captioner, **kwargs)
     assert json.loads(metrics.read_text())["n_images"] == result["n_images"] == N_IMAGES - N_TRAIN
     assert len(predictions.read_text().splitlines()) == N_IMAGES - N_TRAIN
     captions = [json.loads(line)["caption"] for line in predictions.read_text().splitlines()]
@@ -303,7 +306,7 @@ def test_evaluate_writes_metrics_and_predictions_by_rename(dataset, tiny_model_f
 
 @pytest.mark.slow
 def test_shipped_checkpoint_settings_refresh_last_ckpt_every_epoch(dataset, reference_cache, tmp_path):
-    shipped = yaml.safe_load((REPO / "configs" / "flickr8k-lstm.yaml").read_text())
+    shipped = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
     checkpoints = [c for c in shipped["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     config = train_config(tmp_path, dataset, reference_cache, max_epochs=3)
     settings = yaml.safe_load(config.read_text())
@@ -319,7 +322,7 @@ def test_resumed_run_exports_the_best_checkpoint_of_the_whole_run(dataset, refer
     """The shipped configs give their checkpoints no dirpath (they live in the logger's
     version_N/checkpoints). A resumed run logs into version_N+1, its checkpoints move there and
     Lightning forgets the best score so far; the export still compares against it."""
-    shipped = yaml.safe_load((REPO / "configs" / "flickr8k-lstm.yaml").read_text())
+    shipped = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
     config = train_config(tmp_path, dataset, reference_cache, max_epochs=2)
     settings = yaml.safe_load(config.read_text())
     settings["trainer"]["callbacks"] = [  # the shipped checkpoint callbacks as they are, + export
