@@ -90,6 +90,7 @@ def test_features_missing_images_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "cache").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_features_skip_missing_warns_with_a_count_and_bad_image_is_reported(tmp_path):
     """A real process with DataLoader worker processes: the missing image is a counted
     warning, the corrupt one a single error line (exit 1) with the good rows kept (that a

@@ -141,6 +141,7 @@ def test_image_decoding(tiny_models, flickr8k_root, capsys):
     assert out["draft_speedup"] > 0
 
 
+@pytest.mark.slow
 def test_cold_start(tiny_models, capsys):
     out = run("cold_start", ["--model", tiny_models["plain"], "--runs", 1, "--warmup", 0,
                              "--no-import-profile"], capsys)
@@ -158,6 +159,7 @@ def test_cold_start_import_report():
     assert slowest == [{"module": "captioner.api", "cumulative_ms": 9.0}, {"module": "torch", "cumulative_ms": 5.0}]
 
 
+@pytest.mark.slow
 def test_memory(tiny_models, tiny_cache, tmp_path, capsys):
     out = run("memory", ["--model", tiny_models["plain"], "--parts", "caption,train,cache",
                          "--caption-images", 2, "--features", tiny_cache, "--train-images", 3,
@@ -171,6 +173,7 @@ def test_memory(tiny_models, tiny_cache, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_recipe(tmp_path, capsys):
     """The whole-recipe benchmark on a generated 12-image folder dataset, one epoch."""
     import numpy as np

@@ -161,6 +161,7 @@ def test_progress_bar_only_when_asked(tiny_model_file, tree, tmp_path, capsys):
     assert "img/s" in err and "10/10" in err  # 6 resumed + 4 new, against the counted total
 
 
+@pytest.mark.slow
 def test_bulk_mode_does_not_import_lightning(tiny_model_file, tree, tmp_path):
     out = tmp_path / "out.jsonl"
     code = ("import sys; from captioner.cli import main; "

@@ -112,6 +112,7 @@ def check(out: Path, reference: dict[str, str], tree: Path) -> None:
         assert mtime == os.stat(image).st_mtime_ns
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_result(tiny_model_file, tree, reference, tmp_path):
     out = tmp_path / "out.jsonl"
     rng = random.Random(0)

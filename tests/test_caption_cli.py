@@ -34,6 +34,7 @@ def test_one_bad_file_among_good_ones(tiny_model_file, tmp_path):
     assert all(line.split("\t")[1] for line in lines)
 
 
+@pytest.mark.slow
 def test_directories_globs_jsonl_and_n_best(tiny_model_file, tmp_path):
     proc = run_cli(str(REPO / "demo" / "images"), str(REPO / "demo" / "images" / "c*.jpg"), "--model",
                    str(tiny_model_file), "--format", "jsonl", "--beam-size", "3", "--n-best", "3")
@@ -47,6 +48,7 @@ def test_directories_globs_jsonl_and_n_best(tiny_model_file, tmp_path):
         assert scores == sorted(scores, reverse=True)
 
 
+@pytest.mark.slow
 def test_nothing_found_and_usage_errors(tiny_model_file, tmp_path):
     proc = run_cli(str(tmp_path / "missing.jpg"), "--model", str(tiny_model_file))
     assert proc.returncode == 1 and "no such file or directory" in proc.stderr
@@ -55,6 +57,7 @@ def test_nothing_found_and_usage_errors(tiny_model_file, tmp_path):
     assert run_cli(str(DEMO[0]), "--bogus").returncode == 2
 
 
+@pytest.mark.slow
 def test_attention_maps_written(tiny_model_file, tmp_path):
     out = tmp_path / "maps"
     proc = run_cli(str(DEMO[0]), "--model", str(tiny_model_file), "--attention-maps", str(out))
@@ -64,6 +67,7 @@ def test_attention_maps_written(tiny_model_file, tmp_path):
         assert im.format == "PNG" and im.width >= 224 * 2
 
 
+@pytest.mark.slow
 def test_caption_does_not_import_lightning(tiny_model_file):
     code = ("import sys; from captioner.cli import main; "
             f"rc = main(['caption', {str(DEMO[0])!r}, '--model', {str(tiny_model_file)!r}]); "
@@ -94,12 +98,14 @@ def test_default_model_missing_says_so_and_how_to_get_one(monkeypatch, tmp_path)
         Captioner.load()
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded(tiny_model_file):
     a = run_cli(str(DEMO[0]), "--model", str(tiny_model_file), "--sample", "--seed", "3", "--top-k", "5")
     b = run_cli(str(DEMO[0]), "--model", str(tiny_model_file), "--sample", "--seed", "3", "--top-k", "5")
     assert a.returncode == 0 and a.stdout == b.stdout
 
 
+@pytest.mark.slow
 def test_model_decoding_settings_are_the_defaults(tiny_model_file, tmp_path):
     """A model file carries the decoding chosen on dev: the API and the CLI use it unless told
     otherwise; explicit options still win."""

@@ -94,6 +94,7 @@ def test_text_output_keeps_one_line_per_image(tmp_path, tiny_model_file, capsys)
     assert all(line.count("\t") == 1 for line in lines)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_stdout_on_a_full_disk_is_one_line(photo, tiny_model_file):
     with open("/dev/full", "w") as full:

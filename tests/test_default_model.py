@@ -56,6 +56,7 @@ def test_metadata_records_recipe_decoding_and_scores(shipped):
     assert model.scores["test"][chosen]["bleu4"] >= 0.255 and model.scores["test"][chosen]["bleu1"] >= 0.68
 
 
+@pytest.mark.slow
 def test_int8_captions_match_float32(shipped, test_features):
     """The CPU default (int8 products) against float32 on 48 test images: most captions the
     same (the others are near ties that beam search breaks the other way), scores close."""

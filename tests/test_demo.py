@@ -282,6 +282,7 @@ def test_a_bug_is_500_without_traceback(server, monkeypatch):
 # ------------------------------------------------------------------------------- load test
 
 
+@pytest.mark.slow
 def test_concurrent_load_every_answer_right(server, record_property):
     """8 client threads, 48 requests over the 4 demo photos (beam 2): every request is
     answered 200 with exactly the single-threaded answer for its photo."""

@@ -67,6 +67,7 @@ def exchange(port: int, request: bytes) -> list[tuple[int, dict]]:
         return parse_answers(b"".join(iter(lambda: sock.recv(65536), b"")))
 
 
+@pytest.mark.slow
 def test_script_serves_and_abuse_leaves_no_traceback(tiny_model_file):
     process = subprocess.Popen([sys.executable, str(APP), "--model", str(tiny_model_file), "--port", "0",
                                 "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

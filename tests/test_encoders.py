@@ -357,6 +357,7 @@ print(library, applied, churn())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_encoders_leave_malloc_alone_and_the_entry_points_tuning_reuses_freed_blocks():
     """Building an encoder no longer changes the process's allocator: re-allocating a 64 MiB

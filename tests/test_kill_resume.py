@@ -1,7 +1,7 @@
 """Nothing half-written: SIGKILL at random points, then resume.
 
 * `captioner features` killed mid-extraction and run again gives cache files byte-identical
-  to an uninterrupted run (several seeds; one in the default suite, the rest `slow`).
+  to an uninterrupted run (several seeds, `slow`).
 * `captioner train` killed mid-training and resumed with `--ckpt_path last.ckpt` finishes,
   and its exported model file loads and captions (`slow`).
 * The same seed gives the same training losses and the same model (`slow`).
@@ -124,8 +124,8 @@ def kill_features_midway(dataset: Path, out: Path, rng: random.Random, attempts:
     pytest.fail(f"extraction finished before the kill point {attempts} times: use more images")
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow),
-                                  pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_features_killed_and_rerun_is_byte_identical(dataset, reference_cache, tmp_path, seed):
     out = tmp_path / "cache"
     done = kill_features_midway(dataset, out, random.Random(seed))
@@ -318,6 +318,7 @@ def test_shipped_checkpoint_settings_refresh_last_ckpt_every_epoch(dataset, refe
     assert checkpoint_epoch(tmp_path / "ckpt" / "last.ckpt") == 2
 
 
+@pytest.mark.slow
 def test_resumed_run_exports_the_best_checkpoint_of_the_whole_run(dataset, reference_cache, tmp_path):
     """The shipped configs give their checkpoints no dirpath (they live in the logger's
     version_N/checkpoints). A resumed run logs into version_N+1, its checkpoints move there and

@@ -208,6 +208,7 @@ def parse_errors_for(stderr: str, cases: list[Case]) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_bad_image_corpus_text_output(corpus, tiny_model_file):
     proc = run_cli("caption", *[c.path for c in corpus], "--model", tiny_model_file, "--max-length", "6")
     assert_no_traceback(proc)
@@ -227,6 +228,7 @@ def test_bad_image_corpus_text_output(corpus, tiny_model_file):
     assert proc.returncode == 1
 
 
+@pytest.mark.slow
 def test_bad_image_corpus_jsonl_output(corpus, tiny_model_file):
     proc = run_cli("caption", *[c.path for c in corpus], "--model", tiny_model_file, "--max-length", "6",
                    "--format", "jsonl", "--n-best", "2")
@@ -245,6 +247,7 @@ def test_bad_image_corpus_jsonl_output(corpus, tiny_model_file):
     assert proc.returncode == 1
 
 
+@pytest.mark.slow
 def test_all_good_exits_0_and_seeded_sampling_matches_the_api(corpus, tiny_model_file):
     """All inputs good: exit 0, nothing on stderr. `--sample --seed 3` is reproducible: the
     process prints exactly what the API gives in this process for the same seed."""
@@ -287,6 +290,7 @@ def test_usage_errors_exit_2(args):
     assert proc.stdout == "" or args == []  # `captioner` alone prints its help
 
 
+@pytest.mark.slow
 def test_closed_stdout_pipe_is_not_a_traceback(corpus, tiny_model_file):
     """`captioner caption *.jpg | head -1`: head exits early; we must stop quietly."""
     good = [os.fsdecode(c.path) for c in corpus if c.ok][:3]
@@ -419,6 +423,7 @@ def evil_files(tmp_path):
     return marker, files
 
 
+@pytest.mark.slow
 def test_malicious_ckpt_as_model_is_refused_without_running(evil_files, corpus, tiny_model_file):
     marker, files = evil_files
     good = [c.path for c in corpus if c.name == "plain JPEG"]
@@ -443,6 +448,7 @@ def test_malicious_pickle_under_other_names_in_process(evil_files, corpus, capsy
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_export_refuses_malicious_checkpoint_without_running(evil_files):
     marker, files = evil_files
     out = files["ckpt"].parent / "out.safetensors"
