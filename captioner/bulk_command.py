@@ -164,9 +164,10 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any]):
     """The model and the decoding, checked before any work (as the plain command does)."""
     from captioner.api import Captioner
     device = "cpu" if args.devices is not None else args.device  # Lightning places each rank
-    captioner = Captioner.load(args.model, device=device)
+    captioner = Captioner.load(args.model, device=device, encoder_backend=args.encoder_backend)
     config = captioner.settings(**overrides)
     captioner.decoder_for(config.precision)
+    captioner.encoder_runner()  # an encoder backend that cannot run fails before any work
     return captioner, config
 
 

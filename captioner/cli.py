@@ -75,6 +75,7 @@ def _split_list(text: str) -> list[str]:
 
 _dataset_name.__name__, _split_name.__name__, _split_list.__name__ = "dataset", "split", "splits"
 DEVICES = ("auto", "cpu", "cuda")
+ENCODER_BACKENDS = ("auto", "onnxruntime", "eager")  # model/fast_encoder.BACKENDS, without importing torch
 
 
 # ---- subcommands -------------------------------------------------------------------------
@@ -95,6 +96,12 @@ def _add_decoding(p: argparse.ArgumentParser, sampling: bool = True) -> None:
                    help="decoder arithmetic; auto: int8 on a CPU with x86 int8 kernels, else float32")
 
 
+def _add_encoder_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder-backend", choices=ENCODER_BACKENDS, default=None,
+                   help="auto: ONNX Runtime on the CPU where the onnx extra is installed, else eager "
+                        "(default: $CAPTIONER_ENCODER_BACKEND, else auto)")
+
+
 def _add_caption(sub: argparse._SubParsersAction) -> None:
     def shard(text: str) -> tuple[int, int]:
         index, slash, count = text.strip().partition("/")
@@ -111,6 +118,7 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
     p.add_argument("--attention-maps", metavar="DIR")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    _add_encoder_backend(p)
     p.add_argument("--workers", type=bounded_int(1, 64, "workers"),
                    help="threads decoding images one batch ahead of the network (default: up to 4)")
     g = p.add_argument_group("large collections (docs/scaling.md)")
@@ -141,6 +149,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="metrics JSON")
     p.add_argument("--predictions", help="predictions JSONL")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    _add_encoder_backend(p)
 
 
 def _add_features(sub: argparse._SubParsersAction) -> None:
@@ -217,15 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- running -----------------------------------------------------------------------------
 
 def _report_dataset_warnings() -> None:
-    """Show a dataset reader's DatasetWarning as one `captioner: warning: ...` line instead of
-    Python's "file.py:331: DatasetWarning" and the source line; other warnings as usual."""
+    """Show the package's own warnings (a dataset reader's, the encoder backend's) as one
+    `captioner: warning: ...` line instead of Python's "file.py:331: DatasetWarning" and the
+    source line; other warnings as usual."""
     import warnings
     shown = warnings.showwarning
     if getattr(shown, "_captioner", False):
         return
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if category.__name__ == "DatasetWarning":
+        if category.__name__ in ("DatasetWarning", "EncoderBackendWarning"):
             print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file, flush=True)
         else:
             shown(message, category, filename, lineno, file, line)

@@ -28,10 +28,10 @@ def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name, None) is not None}
 
 
-def load_captioner(model: str | None, device: str, overrides: dict[str, Any]):
+def load_captioner(model: str | None, device: str, overrides: dict[str, Any], encoder_backend: str | None = None):
     """The model, and the decoding this command uses, checked before any work."""
     from captioner.api import Captioner
-    captioner = Captioner.load(model, device=device)
+    captioner = Captioner.load(model, device=device, encoder_backend=encoder_backend)
     config = captioner.settings(**overrides)
     captioner.decoder_for(config.precision)  # an impossible precision fails here
     return captioner, config
@@ -52,7 +52,7 @@ def caption(args: argparse.Namespace) -> int:
     if args.attention_maps is not None:
         from captioner.attention_maps import AttentionMapWriter
         maps = AttentionMapWriter(args.attention_maps)  # checked before any work
-    captioner, config = load_captioner(args.model, args.device, decoding_overrides(args))
+    captioner, config = load_captioner(args.model, args.device, decoding_overrides(args), args.encoder_backend)
     if maps is not None and not captioner.has_attention:
         warning_line(f"{args.model or 'the default model'} has no attention; --attention-maps ignored")
         maps = None
@@ -104,7 +104,7 @@ def _paths_as_bytes(stream) -> None:
 def evaluate(args: argparse.Namespace) -> int:
     from captioner.evaluation import evaluate_model
     from captioner.metrics import BLEU_KEYS
-    captioner, config = load_captioner(args.model, args.device, decoding_overrides(args))
+    captioner, config = load_captioner(args.model, args.device, decoding_overrides(args), args.encoder_backend)
     metrics = evaluate_model(captioner, args.dataset, args.data_root, split=args.split, decoding=config,
                              batch_size=args.batch_size, limit=args.limit, features=args.features,
                              output=args.output, predictions=args.predictions)

@@ -102,6 +102,10 @@ class ImageFeaturesError(FeatureCacheError):
             f"them and run again: the {total - len(failed)} finished rows are kept")
 
 
+class EncoderBackendWarning(RuntimeWarning):
+    """The faster encoder backend could not be used; the eager encoder runs instead."""
+
+
 class EncoderWeightsError(CaptionerError, RuntimeError):
     """Pretrained encoder weights are not on this machine (nothing is downloaded at run time)."""
 

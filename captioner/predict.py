@@ -125,7 +125,8 @@ class _Module(pl.LightningModule):
         if self._on_device is None:
             device = self.trainer.strategy.root_device
             base = self.job.captioner
-            self._on_device = base if base.device == device else Captioner(base.model, device, base.source)
+            self._on_device = base if base.device == device else Captioner(
+                base.model, device, base.source, encoder_backend=base.encoder_backend)
             if self.job.config.seed is not None:
                 self.generator = torch.Generator(device=device).manual_seed(self.job.config.seed + self.global_rank)
         return self._on_device

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         captioner = Captioner.load(args.model, device=args.device)
+        captioner.encoder_runner()  # the ONNX Runtime encoder, if any, is ready before the first upload
     except (CaptionerError, OSError) as exc:
         error(exc)
         if server is not None:

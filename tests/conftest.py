@@ -10,6 +10,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tests compare captions with the eager encoder's, byte for byte; the ONNX Runtime encoder
+# (used by default where the onnx extra is installed) has its own tests in test_fast_encoder.py.
+os.environ.setdefault("CAPTIONER_ENCODER_BACKEND", "eager")
+
 
 def data_root() -> Path:
     return Path(os.environ.get("CAPTIONER_DATA", REPO.parent / "shared" / "datasets"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from captioner.model import fast_encoder as fe
 from captioner.model.encoders import build_encoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _installed(module: str) -> bool:
@@ -164,3 +166,77 @@ def test_a_bad_fresh_export_is_deleted(lite0, fast, cache_dir, tmp_path, monkeyp
     with pytest.warns(RuntimeWarning, match="differ from the eager encoder's by nan"):
         assert fe.fast_encoder(lite0, cache_dir=tmp_path) is None
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason="the onnx extra is not installed")
+def test_a_cache_path_that_is_not_a_regular_file_is_left_alone(lite0, tmp_path):
+    import os
+    fifo = tmp_path / fe.onnx_file_name(lite0)
+    os.mkfifo(fifo)
+    with pytest.warns(RuntimeWarning, match="is not a regular file; not replaced"):
+        assert fe.fast_encoder(lite0, cache_dir=tmp_path) is None
+    assert fifo.is_fifo()
+
+
+# ---------------------------------------------------------------------- through the Python API
+
+
+def test_the_backend_name_is_checked(tiny_model_file, monkeypatch):
+    from captioner import Captioner
+    from captioner.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown encoder backend 'tensorrt'"):
+        Captioner.load(tiny_model_file, device="cpu", encoder_backend="tensorrt")
+    monkeypatch.setenv("CAPTIONER_ENCODER_BACKEND", "gpu-please")
+    with pytest.raises(UsageError, match=r"\$CAPTIONER_ENCODER_BACKEND: unknown encoder backend 'gpu-please'"):
+        Captioner.load(tiny_model_file, device="cpu")
+
+
+def test_without_onnxruntime_auto_is_eager_and_onnxruntime_is_refused(tiny_model_file, monkeypatch):
+    from captioner import Captioner
+    from captioner.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    demo = sorted((REPO / "demo" / "images").glob("*.jpg"))[:2]
+    auto = Captioner.load(tiny_model_file, device="cpu", encoder_backend="auto")
+    eager = Captioner.load(tiny_model_file, device="cpu", encoder_backend="eager")
+    assert auto.encoder_backend_in_use == eager.encoder_backend_in_use == "eager"
+    assert [r.caption for r in auto.caption(demo)] == [r.caption for r in eager.caption(demo)]
+    required = Captioner.load(tiny_model_file, device="cpu", encoder_backend="onnxruntime")
+    with pytest.raises(UsageError, match="encoder backend onnxruntime cannot run: onnxruntime is not installed"):
+        required.caption(demo)  # before any image is read
+
+
+def test_cli_refuses_an_unknown_backend(tiny_model_file):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "captioner", "caption", str(REPO / "demo" / "images"),
+                           "--model", str(tiny_model_file), "--encoder-backend", "tpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--encoder-backend" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_knows_the_same_backends():
+    from captioner.cli import ENCODER_BACKENDS
+    assert ENCODER_BACKENDS == fe.BACKENDS
+
+
+@needs_onnx
+def test_the_default_model_captions_alike_through_onnxruntime(fast, cache_dir, monkeypatch):
+    """The shipped model through the API on the demo photos: the export of the module's
+    fixture is reused from the cache; captions are the eager encoder's (measured: 255 of 256
+    Flickr8k test captions identical, BLEU-4 within 4e-5)."""
+    from captioner import Captioner
+
+    monkeypatch.setenv("CAPTIONER_CACHE", str(cache_dir.parent))
+    assert fe.default_cache_dir() == cache_dir.parent / "encoders"
+    monkeypatch.setattr(fe, "default_cache_dir", lambda: cache_dir)
+    import captioner.api as api
+    monkeypatch.setattr(api, "default_cache_dir", lambda: cache_dir)
+    monkeypatch.setattr(fe, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    demo = sorted((REPO / "demo" / "images").glob("*.jpg"))
+    onnx = Captioner.load(device="cpu", encoder_backend="auto")
+    eager = Captioner.load(device="cpu", encoder_backend="eager")
+    assert onnx.encoder_backend_in_use == "onnxruntime" and eager.encoder_backend_in_use == "eager"
+    same = sum(a.caption == b.caption for a, b in zip(onnx.caption(demo), eager.caption(demo)))
+    assert same >= len(demo) - 1, "float32 in another order may flip one near-tie, not more"
