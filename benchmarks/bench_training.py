@@ -36,6 +36,8 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--modes", default="features,images", help="which modes to run")
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu)")
+    p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
     add_threads_option(p)
     return p.parse_args(argv)
 
@@ -94,7 +96,8 @@ def run_epoch(mode: str, config: dict, args, root_dir: str) -> dict:
     module = CaptioningModule(vocab_size=data.vocab_size, feature_dim=data.feature_dim, mode=mode,
                               encoder=data.hparams.encoder, decoder=decoder, optimization=optimization)
     timer = _callback()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=1, accelerator=args.accelerator, devices=1, precision=args.precision,
+                         logger=False, enable_checkpointing=False,
                          limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer], default_root_dir=root_dir,
                          gradient_clip_val=(config.get("trainer") or {}).get("gradient_clip_val"))
@@ -145,11 +148,12 @@ def main(argv=None) -> dict:
     batch_size = args.batch_size or (config.get("data") or {}).get("batch_size", 64)
     return emit({
         "benchmark": "training",
-        "machine": machine("cpu"),
+        "machine": machine("cpu" if args.accelerator == "cpu" else "cuda"),
         "config": str(args.config),
         "decoder": (config.get("model") or {}).get("decoder"),
         "sizes": {"train_images": args.train_images, "captions_per_epoch": args.captions,
                   "batch_size": batch_size, "workers": args.workers, "features": str(args.features),
+                  "accelerator": args.accelerator, "precision": args.precision,
                   "lr_schedule": "none (no validation in this benchmark)",
                   "dataset": "flickr8k train (first N)"},
         "epochs": epochs,

@@ -208,3 +208,33 @@ def test_profile_caption(tiny_models, flickr8k_root, capsys):
     shares = result["stage_share_of_wall"]
     assert set(shares) == {"encoder", "search", "decode_preprocess_and_rest"}
     assert 0 < shares["encoder"] < 1 and len(result["top_ops_self_cpu"]) == 3
+
+
+HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "onnxscript"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_ONNX, reason="the onnx extra is not installed (pip install 'captioner[onnx]')")
+def test_encoder_backends(tiny_models, flickr8k_root, tmp_path, capsys):
+    out = run("encoder_backends", ["--model", tiny_models["attention"], "--backends", "eager_fp32,onnxruntime_fp32",
+                                   "--images", 4, "--batch-size", 2, "--latency-images", 1, "--repeats", 1,
+                                   "--warmup", 0, "--top1-images", 2, "--bleu-images", 2, "--bleu-min-ratio", 0,
+                                   "--caption-images", 2, "--workdir", tmp_path / "work"], capsys)
+    eager, onnx = out["backends"]["eager_fp32"], out["backends"]["onnxruntime_fp32"]
+    assert eager["throughput_ratio"] == 1 and onnx["available"] and onnx["throughput_ratio"] > 0
+    assert onnx["grid_max_abs_diff"] < 1e-3 and onnx["top1"]["demo_same_as_eager"]
+    assert out["caption_end_to_end"]["images"] == 2 and out["caption_end_to_end"]["captions_identical"] >= 1
+
+
+@pytest.mark.slow
+def test_end_to_end(tmp_path, monkeypatch, capsys):
+    """This checkout against itself as the baseline, two images: every variant runs, start-up
+    is reported apart, the captions of the eager runs agree with the baseline's."""
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "cache"))
+    out = run("end_to_end", ["--images", 2, "--repeats", 1, "--warmup", 0, "--baseline-checkout", REPO,
+                             "--baseline-name", "itself"], capsys)
+    variants = out["variants"]
+    assert out["baseline"] == "itself" and variants["itself"]["speedup_vs_baseline"] == 1
+    assert variants["this checkout, eager encoder"]["captions_same_as_baseline"] == 2
+    assert all(v["one_image_s"] > 0 and v["images_per_s"] > 0 for v in variants.values())
+    assert ("this checkout, ONNX Runtime encoder" in variants) == HAVE_ONNX

@@ -135,7 +135,7 @@ def export_onnx(encoder: Encoder, path: str | os.PathLike) -> Path:
     return path
 
 
-def _session(model: str | bytes, threads: int):
+def _ort_model(model: str | bytes, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -155,9 +155,9 @@ class OnnxEncoder:
 
     backend = "onnxruntime"
 
-    def __init__(self, encoder: Encoder, session: Any, source: str) -> None:
+    def __init__(self, encoder: Encoder, runtime: Any, source: str) -> None:
         self.encoder = encoder
-        self.session = session
+        self.runtime = runtime  # an onnxruntime inference model
         self.source = source  # the .onnx file, or "memory"
         self.size = encoder.preprocessing.size
 
@@ -168,7 +168,7 @@ class OnnxEncoder:
         if (images.dim() != 4 or tuple(images.shape[1:]) != (3, self.size, self.size) or images.dtype != torch.float32
                 or images.device.type != "cpu" or images.shape[0] == 0):
             return self.encoder(images)
-        grid, pooled = self.session.run(None, {"images": images.detach().contiguous().numpy()})
+        grid, pooled = self.runtime.run(None, {"images": images.detach().contiguous().numpy()})
         return Features(grid=torch.from_numpy(grid), pooled=torch.from_numpy(pooled))
 
     def __getattr__(self, name: str) -> Any:
@@ -214,21 +214,21 @@ def fast_encoder(encoder: Encoder, backend: str = "auto", cache_dir: str | os.Pa
                 export_onnx(encoder, path)
                 exported = True
             try:
-                session, source = _session(str(path), threads), str(path)
+                runtime, source = _ort_model(str(path), threads), str(path)
             except Exception:  # noqa: BLE001 - a damaged cache file: export it again once
                 export_onnx(encoder, path)
                 exported = True
-                session, source = _session(str(path), threads), str(path)
+                runtime, source = _ort_model(str(path), threads), str(path)
         else:
             with tempfile.TemporaryDirectory(prefix="captioner-onnx-") as tmp:
                 path = export_onnx(encoder, Path(tmp) / "encoder.onnx")
                 exported = True
-                session, source = _session(path.read_bytes(), threads), "memory"
+                runtime, source = _ort_model(path.read_bytes(), threads), "memory"
     except Exception as exc:  # noqa: BLE001 - any failure means: keep the eager encoder
         warnings.warn(f"fast encoder unavailable, using the eager encoder: {type(exc).__name__}: "
                       f"{' '.join(str(exc).split())[:300]}", EncoderBackendWarning, stacklevel=2)
         return None
-    fast = OnnxEncoder(encoder, session, source)
+    fast = OnnxEncoder(encoder, runtime, source)
     if verify or (verify is None and exported):
         error = _matches_eager(fast, encoder)
         if not error <= VERIFY_ATOL:
