@@ -175,3 +175,18 @@ def captioner_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     return env
+
+
+def encoder_only(captioner):
+    """A copy of `captioner` whose search does nothing: the same files, thread pool, batching
+    and encoder, so timing it gives the encoder-bound rate the search is compared with."""
+    import copy
+
+    from captioner.api import CaptionResult
+
+    def empty_search(features, decoding=None, **_):
+        return [CaptionResult(image="") for _ in range(features.pooled.shape[0])]
+
+    twin = copy.copy(captioner)
+    twin.decode_features = empty_search  # an instance attribute shadows the method
+    return twin

@@ -11,14 +11,13 @@ per-round ratios.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_threads_option, apply_threads, emit, flickr8k_records, machine, model_path  # noqa: E402
+from _common import add_threads_option, apply_threads, emit, encoder_only, flickr8k_records, machine, model_path  # noqa: E402
 
 TARGET_RATIO = 2.0
 
@@ -37,15 +36,12 @@ def parse(argv):
 def main(argv=None) -> dict:
     args = parse(argv)
     apply_threads(args)
-    from captioner.api import CaptionResult, Captioner
+    from captioner.api import Captioner
 
     model = model_path(args.model)
     paths = [r.path for r in flickr8k_records("test", args.images)]
     captioner = Captioner.load(model, device=args.device)
     config = captioner.settings(beam_size=args.beam_size)
-    encoder_only = copy.copy(captioner)
-    encoder_only.decode_features = lambda features, decoding=None, **_: [
-        CaptionResult(image="") for _ in range(features.pooled.shape[0])]
 
     def per_call(c) -> float:
         start = time.perf_counter()
@@ -54,7 +50,7 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"bench: {path}: unreadable")
         return (time.perf_counter() - start) / len(paths)
 
-    cases = {"encoder_only": encoder_only, "caption": captioner}
+    cases = {"encoder_only": encoder_only(captioner), "caption": captioner}
     for c in cases.values():
         per_call(c)  # warm-up: lazy initialisation in torch and Pillow
     seconds = {name: [] for name in cases}
