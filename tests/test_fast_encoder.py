@@ -240,3 +240,22 @@ def test_the_default_model_captions_alike_through_onnxruntime(fast, cache_dir, m
     assert onnx.encoder_backend_in_use == "onnxruntime" and eager.encoder_backend_in_use == "eager"
     same = sum(a.caption == b.caption for a, b in zip(onnx.caption(demo), eager.caption(demo)))
     assert same >= len(demo) - 1, "float32 in another order may flip one near-tie, not more"
+
+
+@needs_onnx
+def test_a_damaged_cached_file_is_exported_again(lite0, fast, cache_dir, tmp_path, monkeypatch):
+    import shutil
+    good = cache_dir / fe.onnx_file_name(lite0)
+    exports = []
+
+    def export(encoder, path):
+        exports.append(path)
+        shutil.copy(good, path)  # stands in for the 10-40 s export of the same weights
+        return path
+
+    monkeypatch.setattr(fe, "export_onnx", export)
+    damaged = tmp_path / fe.onnx_file_name(lite0)
+    damaged.write_bytes(b"\x08\x07 this is not an ONNX model" * 100)
+    again = fe.fast_encoder(lite0, cache_dir=tmp_path)
+    assert again is not None and exports == [damaged]
+    assert damaged.read_bytes() == good.read_bytes()
