@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -166,4 +167,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Leave without unwinding the native libraries: at interpreter exit, torch's and oneDNN's
+    # thread pools can abort the process ("terminate called without an active exception")
+    # while a keep-alive connection's daemon thread is still alive, turning Ctrl+C into exit -6.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -553,10 +553,12 @@ def test_broken_model_file_is_one_clear_line(kind, tmp_path, corpus, tiny_model_
 @pytest.mark.slow  # the in-process test above covers every kind; this is the real process
 def test_broken_model_file_through_the_cli(tmp_path, corpus, tiny_model_file):
     """The same refusal as a real process (one representative case)."""
+    from captioner.modelfile import READABLE_VERSIONS
     path = _variant(tmp_path, tiny_model_file, "wrong-version")
     good = [c.path for c in corpus if c.name == "plain JPEG"]
     proc = run_cli("caption", *good, "--model", path)
     assert_no_traceback(proc)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        f"{ERROR}{path}: model format version '99' is not supported (this captioner reads versions 1, 2)"]
+        f"{ERROR}{path}: model format version '99' is not supported (this captioner reads versions "
+        f"{', '.join(READABLE_VERSIONS)})"]
