@@ -250,16 +250,14 @@ class Captioner:
         one. Decided on first use, so loading a model costs no export."""
         if self._encoder_runner is None:
             fast = None
-            if self.encoder_backend != "eager":
-                if self.device.type != "cpu":
-                    reason = f"the model runs on {self.device.type}; ONNX Runtime runs the encoder on the CPU"
-                else:
-                    cache = default_cache_dir()
-                    reason = unavailable_reason(self.encoder, self.encoder_backend, cache)
-                    fast = None if reason else fast_encoder(self.encoder, self.encoder_backend, cache)
-                    reason = reason or "its export failed (see the warning above)"
-                if fast is None and self.encoder_backend == "onnxruntime":
-                    raise UsageError(f"encoder backend onnxruntime cannot run: {reason}")
+            if self.encoder_backend != "eager" and self.device.type == "cpu":
+                fast = fast_encoder(self.encoder, self.encoder_backend, default_cache_dir())
+            if fast is None and self.encoder_backend == "onnxruntime":
+                reason = (f"the model runs on {self.device.type}; ONNX Runtime runs the encoder on the CPU"
+                          if self.device.type != "cpu" else
+                          unavailable_reason(self.encoder, self.encoder_backend, default_cache_dir())
+                          or "its export failed (see the warning above)")
+                raise UsageError(f"encoder backend onnxruntime cannot run: {reason}")
             self._encoder_runner = fast or self.encoder
         return self._encoder_runner
 
