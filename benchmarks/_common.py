@@ -78,6 +78,24 @@ def check_cache(directory: str | Path, image_ids: Sequence[str], encoder: str | 
     return True
 
 
+def add_model_options(parser, device: bool = True) -> None:
+    """--model, --encoder-backend and (with `device`) --device, as every captioning benchmark
+    takes them. The encoder defaults to eager PyTorch: the baseline the published ratios are
+    measured against, whatever extras the machine has."""
+    parser.add_argument("--model", default=None, help="model file; default: the shipped model")
+    parser.add_argument("--encoder-backend", default="eager", choices=("eager", "onnxruntime", "auto"),
+                        help="the encoder the figures are measured with (default: eager)")
+    if device:
+        parser.add_argument("--device", default="cpu")
+
+
+def load_captioner(args):
+    """The `Captioner` that `add_model_options`' options name."""
+    from captioner.api import Captioner
+    return Captioner.load(model_path(args.model), device=getattr(args, "device", "cpu"),
+                          encoder_backend=args.encoder_backend)
+
+
 def model_path(given: str | None) -> Path:
     """--model FILE, else the shipped default model."""
     path = Path(given) if given else SHIPPED_MODEL

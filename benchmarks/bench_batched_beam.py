@@ -15,14 +15,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_threads_option, apply_threads, check_cache, DEFAULT_CACHE, emit, flickr8k_records, interleaved, machine, model_path, summary  # noqa: E402
+from _common import (DEFAULT_CACHE, add_model_options, add_threads_option, apply_threads, check_cache, emit,  # noqa: E402
+                     flickr8k_records, interleaved, load_captioner, machine, model_path, summary)
 
 TARGET_SPEEDUP = 5.0
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model file; default: the shipped model")
+    add_model_options(p)
     p.add_argument("--features", default=str(DEFAULT_CACHE), help="FeatureCache directory")
     p.add_argument("--images", type=int, default=256, help="Flickr8k test images (first N)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -30,7 +31,6 @@ def parse(argv):
     p.add_argument("--max-length", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (interleaved); median reported")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default=None, choices=("auto", "float32", "int8"), help="default: the model's")
     add_threads_option(p)
     return p.parse_args(argv)
@@ -49,14 +49,13 @@ def open_cache(directory: Path, records, encoder_name: str):
 def main(argv=None) -> dict:
     args = parse(argv)
     apply_threads(args)
-    from captioner.api import Captioner
     from captioner.modelfile import load_model
 
     model = model_path(args.model)
     records = flickr8k_records("test", args.images)
     encoder_name = load_model(model).encoder["name"]
     cache, built = open_cache(Path(args.features), records, encoder_name)  # before the slow part
-    captioner = Captioner.load(model, device=args.device)
+    captioner = load_captioner(args)
     from captioner.model.encoders import Features
     feats = cache.get([cache.index_of(r.image_id) for r in records], grid=captioner.has_attention)
     n, k = len(records), args.beam_size

@@ -26,22 +26,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_threads_option, apply_threads, emit, encoder_only, flickr8k_records, interleaved,  # noqa: E402
-                     machine, model_path, summary)
+from _common import (add_model_options, add_threads_option, apply_threads, emit, encoder_only,  # noqa: E402
+                     flickr8k_records, interleaved, load_captioner, machine, model_path, summary)
 
 TARGET_BEAM3_RATIO = 0.85
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model file; default: the shipped model")
+    add_model_options(p)
     p.add_argument("--images", type=int, default=256, help="Flickr8k test images (first N)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--beams", default="1,3,5", help="comma list of beam sizes")
     p.add_argument("--max-length", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (interleaved); median reported")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default=None, choices=("auto", "float32", "int8"), help="default: the model's")
     p.add_argument("--float32-beams", default="3",
                    help="comma list: also time the float32 decoder at these beams when --precision gives int8")
@@ -54,13 +53,12 @@ def main(argv=None) -> dict:
     apply_threads(args)
     import torch
 
-    from captioner.api import Captioner
     from captioner.model.inference import resolve_precision
 
     model = model_path(args.model)
     paths = [r.path for r in flickr8k_records("test", args.images)]
     beams = [int(b) for b in args.beams.split(",")]
-    captioner = Captioner.load(model, device=args.device)
+    captioner = load_captioner(args)
     base = captioner.settings(max_length=args.max_length, precision=args.precision)
     precision = resolve_precision(base.precision, captioner.device)
     float32_beams = [int(b) for b in args.float32_beams.split(",") if b.strip()] if precision != "float32" else []

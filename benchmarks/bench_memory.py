@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DEFAULT_CACHE, check_cache, REPO, captioner_env, emit, flickr8k_records, flickr8k_root, machine,  # noqa: E402
+from _common import (DEFAULT_CACHE, check_cache, REPO, add_model_options, captioner_env, emit, flickr8k_records,  # noqa: E402
+                     flickr8k_root, load_captioner, machine,
                      model_path, rss_mb)
 
 COCO_IMAGES = 123_287  # Karpathy split: train + restval + val + test
@@ -36,7 +37,7 @@ COCO_IMAGES = 123_287  # Karpathy split: train + restval + val + test
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model file; default: the shipped model")
+    add_model_options(p, device=False)
     p.add_argument("--caption-images", type=int, default=64)
     p.add_argument("--caption-batch-size", type=int, default=32)
     p.add_argument("--beam-size", type=int, default=3)
@@ -66,9 +67,8 @@ def child_baseline(args) -> dict:
 
 
 def child_caption(args) -> dict:
-    from captioner.api import Captioner
     paths = [r.path for r in flickr8k_records("test", args.caption_images)]
-    captioner = Captioner.load(model_path(args.model), device="cpu")
+    captioner = load_captioner(args)
     results = captioner.caption(paths, beam_size=args.beam_size, batch_size=args.caption_batch_size)
     return {"images": len(paths), "captioned": sum(r.ok for r in results), "beam_size": args.beam_size,
             "batch_size": args.caption_batch_size}

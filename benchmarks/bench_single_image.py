@@ -17,18 +17,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_threads_option, apply_threads, emit, encoder_only, flickr8k_records, machine, model_path  # noqa: E402
+from _common import (add_model_options, add_threads_option, apply_threads, emit, encoder_only,  # noqa: E402
+                     flickr8k_records, load_captioner, machine, model_path)
 
 TARGET_RATIO = 2.0
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model file; default: the shipped model")
+    add_model_options(p)
     p.add_argument("--images", type=int, default=32, help="Flickr8k test images (first N), one per call")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (interleaved)")
     p.add_argument("--beam-size", type=int, default=None, help="default: the model's")
-    p.add_argument("--device", default="cpu")
     add_threads_option(p)
     return p.parse_args(argv)
 
@@ -36,11 +36,9 @@ def parse(argv):
 def main(argv=None) -> dict:
     args = parse(argv)
     apply_threads(args)
-    from captioner.api import Captioner
-
     model = model_path(args.model)
     paths = [r.path for r in flickr8k_records("test", args.images)]
-    captioner = Captioner.load(model, device=args.device)
+    captioner = load_captioner(args)
     config = captioner.settings(beam_size=args.beam_size)
 
     def per_call(c) -> float:
@@ -63,6 +61,7 @@ def main(argv=None) -> dict:
         "machine": machine(str(captioner.device)),
         "model": str(model),
         "decoders": len(captioner.model.members),
+        "encoder_backend": captioner.encoder_backend_in_use,
         "decoding": config.to_dict(),
         "sizes": {"images": len(paths), "repeats": args.repeats, "calls_per_round": len(paths)},
         "ms_per_call": {name: round(1000 * statistics.median(s), 2) for name, s in seconds.items()},

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_threads_option, apply_threads, emit, flickr8k_records, machine, model_path  # noqa: E402
+from _common import (add_model_options, add_threads_option, apply_threads, emit, flickr8k_records,  # noqa: E402
+                     load_captioner, machine)
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model file; default: the shipped model")
+    add_model_options(p, device=False)
     p.add_argument("--images", type=int, default=64, help="Flickr8k test images (first N)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--beam-size", type=int, default=3)
@@ -33,9 +34,7 @@ def main(argv=None) -> dict:
     apply_threads(args)
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from captioner.api import Captioner
-
-    captioner = Captioner.load(model_path(args.model), device="cpu")
+    captioner = load_captioner(args)
     paths = [r.path for r in flickr8k_records("test", args.images)]
     captioner.caption(paths[: args.batch_size], beam_size=args.beam_size, batch_size=args.batch_size)  # warm-up
 
